@@ -1,0 +1,72 @@
+"""``torch`` (alias ``pytorch``): the SDXL components as PyTorch modules, fp32/fp16/bf16, CPU or CUDA.
+
+With ``--encodings`` the same modules run fake-quantized (quantize -> dequantize at the points the
+encodings name), which is the numerical reference for the ONNX Runtime and TensorRT backends.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from harness.models import load_components
+from harness.system_info import native_bf16
+
+from .base import Backend, BackendOptions, register_backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, spec, options: BackendOptions):
+        super().__init__(spec, options)
+        if options.dtype == "bf16" and options.device == "cpu" and not native_bf16():
+            warnings.warn("this CPU has no native bf16 (no AVX512-BF16/AMX): torch emulates bf16 matmul, "
+                          "~100x slower than fp32", stacklevel=2)
+        components = load_components(spec, self.dtype, options.show_progress)
+        self.components = components
+        self.text_encoder = components.text_encoder.to(self.device, self.dtype)
+        self.text_encoder_2 = components.text_encoder_2.to(self.device, self.dtype)
+        self.unet = components.unet.to(self.device, self.dtype)
+        # diffusers upcasts SDXL's VAE to fp32 in fp16 runs (force_upcast): its fp16 decode overflows.
+        vae_dtype = torch.float32 if (self.dtype == torch.float16 and components.vae.config.force_upcast) else self.dtype
+        self.vae = components.vae.to(self.device, vae_dtype)
+        if self._use_channels_last():
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if options.encodings or options.recipe:
+            from calibration.fake_quant import apply_encodings_to_components
+
+            self.quantization = apply_encodings_to_components(components, options)
+
+    def _use_channels_last(self) -> bool:
+        """Channels-last helps cuDNN/oneDNN convolutions on GPUs; on CPUs it measured no gain for fp32."""
+        if self.options.channels_last is not None:
+            return self.options.channels_last
+        return self.device.type == "cuda"
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def encode_prompts(self, ids_1, ids_2):
+        embeds = []
+        pooled = None
+        for encoder, ids in ((self.text_encoder, ids_1), (self.text_encoder_2, ids_2)):
+            out = encoder(ids.to(self.device), output_hidden_states=True)
+            pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        return torch.cat(embeds, dim=-1).to(self.text_encoder_2.dtype), pooled
+
+    def predict_noise(self, latent_input, timestep, prompt_embeds, text_embeds, time_ids):
+        return self.unet(latent_input, timestep, encoder_hidden_states=prompt_embeds,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                         return_dict=False)[0]
+
+    def decode(self, latents):
+        vae_dtype = next(self.vae.post_quant_conv.parameters()).dtype
+        return self.vae.decode(latents.to(vae_dtype), return_dict=False)[0]
+
+
+register_backend("torch", TorchBackend, aliases=("pytorch",))

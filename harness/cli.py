@@ -1,0 +1,48 @@
+"""``python -m harness`` / ``./run.sh``: one entry point, one sub-command per task.
+
+Each command module exposes ``register(subparsers)``, which adds its sub-command(s) and sets
+``func(args) -> int`` as the handler; adding a command is adding a module to :data:`COMMAND_MODULES`.
+Errors the user can fix (a missing file, a bad flag value) are printed as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMAND_MODULES = ("harness.run_command",)
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.sh", description="MLPerf-style SDXL benchmark for quantized models.")
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .dataset import DatasetError
+    from .models import ModelLoadError
+
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, DatasetError, ModelLoadError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

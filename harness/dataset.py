@@ -1,0 +1,97 @@
+"""MLPerf's captions TSV: reading, validating, and the built-in caption set of the tiny profile.
+
+The TSV (``coco2014/captions/captions_source.tsv`` in the reference) has the columns
+``id image_id caption height width file_name coco_url``; its row order is the ``qsl_idx`` that LoadGen
+logs and that the accuracy script uses to find each image's caption. A bad file is reported here,
+before any model is built or LoadGen starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .benchmark_spec import CAPTIONS_TSV_COLUMNS
+
+BUILTIN_CAPTIONS = Path(__file__).parent / "data" / "builtin_captions.tsv"
+HOW_TO_GET_CAPTIONS = ("MLPerf's file is text_to_image/coco2014/captions/captions_source.tsv in mlcommons/inference "
+                       "(or run its tools/download-coco-2014.sh)")
+
+
+class DatasetError(ValueError):
+    """A captions file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class CaptionSet:
+    path: Path
+    sha256: str
+    frame: pd.DataFrame  # one row per qsl_idx, in file order
+    builtin: bool = False
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def captions(self) -> list[str]:
+        return self.frame["caption"].tolist()
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "sha256": self.sha256, "rows": len(self), "builtin": self.builtin}
+
+
+def resolve_captions_path(path: str | Path | None) -> Path:
+    """``--dataset-path``: the TSV itself, or a reference-layout directory holding ``captions/captions.tsv``."""
+    if path is None:
+        return BUILTIN_CAPTIONS
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "captions" / "captions.tsv", path / "captions" / "captions_source.tsv", path / "captions.tsv"):
+            if candidate.is_file():
+                return candidate
+        raise DatasetError(f"{path} is a directory without captions/captions.tsv; {HOW_TO_GET_CAPTIONS}")
+    if not path.is_file():
+        raise DatasetError(f"captions file {path} not found; {HOW_TO_GET_CAPTIONS}")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_captions(path: str | Path | None = None, max_samples: int | None = None) -> CaptionSet:
+    """Read and validate a captions TSV; ``max_samples`` keeps the first N rows (qsl_idx 0..N-1)."""
+    file = resolve_captions_path(path)
+    try:
+        frame = pd.read_csv(file, sep="\t", dtype={"caption": str}, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DatasetError(f"cannot read captions file {file}: {exc}") from None
+    missing = [c for c in CAPTIONS_TSV_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DatasetError(f"{file} lacks column(s) {', '.join(missing)}; expected the MLPerf TSV header "
+                           f"{' '.join(CAPTIONS_TSV_COLUMNS)}")
+    if frame.empty:
+        raise DatasetError(f"{file} has a header but no rows")
+    empty = frame.index[frame["caption"].str.strip() == ""].tolist()
+    if empty:
+        raise DatasetError(f"{file}: empty caption in row(s) {_rows(empty)} (qsl_idx)")
+    duplicated = frame.index[frame["id"].duplicated()].tolist()
+    if duplicated:
+        raise DatasetError(f"{file}: duplicate id {frame['id'][duplicated[0]]} in row(s) {_rows(duplicated)} (qsl_idx)")
+    if max_samples is not None:
+        if max_samples < 1:
+            raise DatasetError(f"--max-samples must be >= 1 (got {max_samples})")
+        frame = frame.iloc[:max_samples]
+    return CaptionSet(file, file_sha256(file), frame.reset_index(drop=True), builtin=file == BUILTIN_CAPTIONS)
+
+
+def _rows(indices: list[int], limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return shown + (f" and {len(indices) - limit} more" if len(indices) > limit else "")

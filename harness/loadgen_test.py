@@ -1,0 +1,90 @@
+"""One LoadGen test in this process: model -> pipeline -> QSL + SUT -> ``StartTest`` -> summary.
+
+Runs in the child process started by :mod:`harness.run_command`. ``StartTest`` blocks in C++, where
+Python cannot deliver Ctrl-C, so it runs on a helper thread while the main thread waits; on Ctrl-C
+the SUT answers the remaining samples at once and LoadGen finishes writing its logs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .run_config import RunConfig
+
+
+def build_pipeline(config: RunConfig):
+    """The backend and the pipeline for ``config`` (also used by benchmarks and calibration)."""
+    from backends.base import BackendOptions, create_backend
+
+    from .models import load_tokenizers, model_spec
+    from .pipeline import SDXLPipeline
+    from .progress import progress_enabled
+
+    spec = model_spec(config.profile, config.model_path)
+    options = BackendOptions(dtype=config.dtype, device=config.device, encodings=config.encodings,
+                             recipe=config.recipe, show_progress=progress_enabled(), extra=dict(config.backend_extra))
+    backend = create_backend(config.backend, spec, options)
+    tokenizers = load_tokenizers(spec)
+    return SDXLPipeline(backend, spec, tokenizers), tokenizers
+
+
+def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, Any]:
+    import mlperf_loadgen as lg
+
+    from .dataset import load_captions
+    from .latents import load_latent
+    from .loadgen_results import summarize
+    from .loadgen_settings import NO_AUDIT_CONFIG, Overrides, make_log_settings, make_test_settings
+    from .qsl import CaptionQSL
+    from .sut import BatchingSUT
+
+    started = time.time()
+    pipeline, tokenizers = build_pipeline(config)
+    build_s = time.time() - started
+    captions = load_captions(config.dataset_path, config.max_samples)
+    latent = load_latent(config.latents, pipeline.spec.latent_size).tensor
+    qsl = CaptionQSL(captions, tokenizers)
+    max_batch = 1 if config.scenario == "SingleStream" else config.max_batchsize
+    sut = BatchingSUT(pipeline, qsl, latent, max_batch=max_batch, threads=config.threads)
+    settings = make_test_settings(config.scenario, mode, Path(config.user_conf),
+                                  Path(config.audit_conf) if config.audit_conf else None,
+                                  Overrides(config.time_s, config.count, config.qps))
+    warmup_s = 0.0
+    if config.warmup:
+        started = time.time()
+        sut.warmup()
+        warmup_s = time.time() - started
+    sut_handle = sut.start()
+    qsl_handle = qsl.construct()
+    audit = str(Path(config.audit_conf).resolve()) if config.audit_conf else NO_AUDIT_CONFIG
+    error: list[BaseException] = []
+
+    def start_test() -> None:
+        try:
+            lg.StartTestWithLogSettings(sut_handle, qsl_handle, settings, make_log_settings(test_dir), audit)
+        except BaseException as exc:  # noqa: BLE001 -- re-raised on the main thread
+            error.append(exc)
+
+    runner = threading.Thread(target=start_test, name="loadgen")
+    started = time.time()
+    runner.start()
+    try:
+        while runner.is_alive():
+            runner.join(0.2)
+    except KeyboardInterrupt:
+        sut.abort()
+        runner.join()
+        raise
+    finally:
+        test_s = time.time() - started
+        sut.stop()
+        lg.DestroyQSL(qsl_handle)
+    if error:
+        raise error[0]
+    result = summarize(test_dir, config.scenario, mode)
+    result.update(build_s=round(build_s, 3), warmup_s=round(warmup_s, 3), test_s=round(test_s, 3),
+                  sut=sut.stats.describe(), backend=pipeline.backend.describe())
+    return result

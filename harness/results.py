@@ -1,0 +1,156 @@
+"""The run directory's ``run.json`` (the contract later tools read) and the printed results table.
+
+``run.json`` is rewritten atomically (temp file + rename) at the start of a run (``status:
+"running"``), after each LoadGen test, and at the end (``completed``, ``failed`` or ``interrupted``),
+so it is never half-written and a crash leaves an honest status behind. Fields: see README.md.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUN_JSON_VERSION = 1
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / "run.json"
+
+    @property
+    def status(self) -> str:
+        return self.data.get("status", "unknown")
+
+    @property
+    def tests(self) -> list[dict[str, Any]]:
+        return self.data.setdefault("tests", [])
+
+    @classmethod
+    def start(cls, run_dir: Path, config, spec, captions, latent, non_compliance: list[str]) -> "RunRecord":
+        from .system_info import system_description
+
+        data = {
+            "run_json_version": RUN_JSON_VERSION,
+            "status": "running",
+            "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "finished": None,
+            "error": None,
+            "benchmark": "stable-diffusion-xl",
+            "scenario": config.scenario,
+            "modes": list(config.modes),
+            "profile": spec.profile,
+            "model": {"description": spec.description, "path": str(spec.model_path) if spec.model_path else None,
+                      "fingerprint": spec.fingerprint()},
+            "random_weights": spec.random_weights,
+            "image_size": spec.image_size,
+            "backend": {"name": config.backend, "dtype": config.dtype, "device": config.device,
+                        "encodings": config.encodings, "recipe": config.recipe},
+            "dataset": captions.describe(),
+            "max_samples": config.max_samples,
+            "latent": latent.describe(),
+            "loadgen": {"user_conf": str(Path(config.user_conf).resolve()),
+                        "audit_conf": str(Path(config.audit_conf).resolve()) if config.audit_conf else None,
+                        "count": config.count, "time_s": config.time_s, "qps": config.qps},
+            "sut": {"max_batchsize": config.max_batchsize, "threads": config.threads, "warmup": config.warmup},
+            "compliant": not non_compliance,
+            "non_compliance_reasons": non_compliance,
+            "system": system_description(),
+            "config": config.to_dict(),
+            "tests": [],
+        }
+        record = cls(run_dir, data)
+        record.save()
+        return record
+
+    def add_test(self, result: dict[str, Any]) -> None:
+        self.tests.append(result)
+        self.save()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self.data.update(status=status, error=error,
+                         finished=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-2 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def result_rows(record: RunRecord) -> list[list[str]]:
+    rows = []
+    for test in record.tests:
+        if test.get("error"):
+            perf = f"ERROR: {test['error']}"
+        elif test.get("qps") is not None:
+            perf = f"{_fmt(test['qps'])} samples/s"
+            if test.get("p99_latency_s") is not None and test["scenario"] == "Server":
+                perf += f", p99 {_fmt(test['p99_latency_s'])} s"
+        elif test.get("p90_latency_s") is not None:
+            perf = f"p90 {_fmt(test['p90_latency_s'])} s"
+            if test.get("early_stopping_latency_s") is not None:
+                perf += f", early-stop {_fmt(test['early_stopping_latency_s'])} s"
+        else:
+            perf = "-"
+        rows.append([test["scenario"], test["mode"], _fmt(test.get("samples")), perf, test.get("validity", "-"),
+                     test["dir"]])
+    return rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def print_results_table(records: list[RunRecord], stream=sys.stdout) -> None:
+    """The table a person reads after a run: one row per LoadGen test, then the caveats that apply."""
+    header = ["scenario", "mode", "samples", "performance", "result", "logs"]
+    rows = [row for record in records for row in result_rows(record)]
+    print(format_table(header, rows), file=stream)
+    for record in records:
+        data = record.data
+        system = data.get("system", {})
+        print(f"\nrun {record.run_dir}  [{record.status}]  profile={data['profile']} backend={data['backend']['name']} "
+              f"{data['backend']['dtype']} on {data['backend']['device']}; CPU {system.get('cpu_model')} "
+              f"({system.get('isa')})", file=stream)
+        if data.get("random_weights"):
+            print("  !!! RANDOM WEIGHTS: this model was not trained; images are noise and accuracy is meaningless !!!",
+                  file=stream)
+        if data.get("compliant"):
+            print("  compliant with MLPerf's closed-division settings", file=stream)
+        else:
+            print("  NOT COMPLIANT: " + "; ".join(data.get("non_compliance_reasons", [])), file=stream)
+        if data.get("error"):
+            print(f"  error: {data['error']}", file=stream)

@@ -1,0 +1,212 @@
+"""``run``: one LoadGen run (performance and/or accuracy) of one scenario, with ``run.json`` and a table.
+
+Each LoadGen test runs in a fresh child process (LoadGen applies its built-in ``mlperf.conf`` only
+once per process; a crash or Ctrl-C in the model cannot leave the parent's results half-written).
+The parent validates every input first, so a bad captions file or model path fails in a second,
+before a model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import multiprocessing
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .benchmark_spec import (OFFICIAL_CAPTIONS_SHA256, OFFICIAL_IMAGE_SIZE, OFFICIAL_LATENT_TENSOR_SHA256,
+                             PERFORMANCE_SAMPLE_COUNT)
+from .loadgen_settings import MODES, SCENARIOS, Overrides, user_conf_non_compliant_keys
+from .results import RunRecord, print_results_table
+from .run_config import DEFAULT_USER_CONF, RunConfig
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds a model (``run``, ``calibrate``, ...)."""
+    from backends.base import DTYPES
+
+    from .models import PROFILES
+
+    parser.add_argument("--profile", default="tiny", choices=PROFILES,
+                        help="tiny: embedded SDXL-architecture model with random weights (default); sdxl: real "
+                             "weights from --model-path; sdxl-random: full-size architecture, random weights")
+    parser.add_argument("--model-path", help="SDXL checkpoint directory (diffusers or MLPerf reference layout)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--cache-dir", default="build/cache", help="root of caches (calibration data, exports)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("run", help="one LoadGen run (MLPerf SDXL) of one scenario",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--backend", default="torch", help="null, torch (alias pytorch), ... (default torch)")
+    parser.add_argument("--encodings", help="quantization encodings JSON (fake-quant / quantized backends)")
+    parser.add_argument("--recipe", help="quantization recipe name or file (calibrates first, with the cache)")
+    parser.add_argument("--scenario", default="Offline", choices=SCENARIOS)
+    parser.add_argument("--accuracy", action="store_true", help="accuracy mode only (as the reference's flag)")
+    parser.add_argument("--mode", choices=("performance", "accuracy", "both"),
+                        help="performance (default), accuracy, or both in one run directory")
+    parser.add_argument("--dataset-path", help="captions TSV, or a reference-layout directory "
+                                               "(captions/captions.tsv, latents/latents.pt); default: built-in captions")
+    parser.add_argument("--max-samples", type=int, help="use the first N captions only (not compliant)")
+    parser.add_argument("--latents", help="latents.pt (MLPerf's fixed latent) or a dataset directory holding it")
+    parser.add_argument("--user-conf", "--user_conf", dest="user_conf", default=str(DEFAULT_USER_CONF),
+                        help="LoadGen user.conf (default: the harness's short development settings)")
+    parser.add_argument("--audit-conf", "--audit_conf", dest="audit_conf",
+                        help="compliance audit.config (TEST01/TEST04); never read implicitly from the cwd")
+    parser.add_argument("--count", type=int, help="cap the number of queries (min = max query count)")
+    parser.add_argument("--time", dest="time_s", type=float, help="min = max duration in seconds")
+    parser.add_argument("--qps", type=float, help="Server target QPS / Offline expected QPS")
+    parser.add_argument("--max-batchsize", type=int, default=1, help="largest batch the SUT forms (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="SUT worker threads (default 1)")
+    parser.add_argument("--output", help="run directory (default results/<timestamp>-<profile>-<backend>-<scenario>)")
+    parser.add_argument("--save-images", action="store_true", help="write the accuracy run's images as PNGs + a grid")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up")
+    parser.set_defaults(func=run_from_args)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    from .cli import UserError
+
+    modes = {"performance": ("performance",), "accuracy": ("accuracy",), "both": MODES, None: ("performance",)}[args.mode]
+    if args.accuracy:
+        if args.mode not in (None, "accuracy"):
+            raise UserError("--accuracy conflicts with --mode " + args.mode)
+        modes = ("accuracy",)
+    for name in ("max_batchsize", "threads"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    timestamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    output = args.output or f"results/{timestamp}-{args.profile}-{args.backend}-{args.scenario}"
+    return RunConfig(profile=args.profile, model_path=args.model_path, backend=args.backend, dtype=args.dtype,
+                     device=args.device, encodings=args.encodings, recipe=args.recipe, scenario=args.scenario,
+                     modes=modes, dataset_path=args.dataset_path, max_samples=args.max_samples, latents=args.latents,
+                     user_conf=args.user_conf, audit_conf=args.audit_conf, count=args.count, time_s=args.time_s,
+                     qps=args.qps, max_batchsize=args.max_batchsize, threads=args.threads, output=output,
+                     save_images=args.save_images, warmup=args.warmup, cache_dir=args.cache_dir)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    record = execute_run(config_from_args(args))
+    print_results_table([record])
+    return 0 if record.status == "completed" else 1
+
+
+def non_compliance_reasons(config: RunConfig, spec, captions, latent) -> list[str]:
+    """Why this run is not an MLPerf closed-division run (empty list: it is)."""
+    reasons = []
+    if spec.random_weights:
+        reasons.append(f"RANDOM WEIGHTS ({spec.profile} profile): images and accuracy are meaningless")
+    if spec.image_size != OFFICIAL_IMAGE_SIZE:
+        reasons.append(f"image size {spec.image_size} (MLPerf: {OFFICIAL_IMAGE_SIZE})")
+    if captions.sha256 != OFFICIAL_CAPTIONS_SHA256:
+        reasons.append("captions are not MLPerf's captions_source.tsv")
+    if config.max_samples is not None and config.max_samples < PERFORMANCE_SAMPLE_COUNT:
+        reasons.append(f"--max-samples {config.max_samples}")
+    if latent.sha256 != OFFICIAL_LATENT_TENSOR_SHA256:
+        reasons.append(f"latent is not MLPerf's latents.pt ({latent.source})")
+    bad_keys = user_conf_non_compliant_keys(Path(config.user_conf), config.scenario)
+    if bad_keys:
+        reasons.append(f"user.conf overrides {'; '.join(bad_keys)}")
+    reasons += Overrides(config.time_s, config.count, config.qps).non_compliant_reasons()
+    if config.backend == "null":
+        reasons.append("null backend (black images)")
+    return reasons
+
+
+def execute_run(config: RunConfig) -> RunRecord:
+    """Validate inputs, run each requested LoadGen test in its own process, write ``run.json``."""
+    from backends.base import canonical_backend_name
+
+    from .cli import UserError
+    from .dataset import load_captions
+    from .latents import resolve_latent, save_latent
+    from .loadgen_settings import user_conf_keys
+    from .models import model_spec
+
+    try:
+        config.backend = canonical_backend_name(config.backend)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    spec = model_spec(config.profile, config.model_path)
+    captions = load_captions(config.dataset_path, config.max_samples)
+    try:
+        latent = resolve_latent(spec.latent_size, config.latents, config.dataset_path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    for flag, path in (("--user-conf", config.user_conf), ("--audit-conf", config.audit_conf)):
+        if path is not None and not Path(path).is_file():
+            raise UserError(f"{flag} {path} not found")
+    try:
+        user_conf_keys(Path(config.user_conf))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+    run_dir = Path(config.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if latent.source.startswith("drawn"):
+        save_latent(latent, run_dir / "latents.pt")
+        config.latents = str(run_dir / "latents.pt")  # children load the saved tensor: the same bytes
+    else:
+        config.latents = latent.source.removeprefix("file:")
+    config.dataset_path = str(captions.path)
+    record = RunRecord.start(run_dir, config, spec, captions, latent, non_compliance_reasons(config, spec, captions, latent))
+    try:
+        for mode in config.modes:
+            result = _run_test_in_child(config, mode, run_dir / mode)
+            record.add_test(result)
+            if result.get("error"):
+                record.finish("failed", result["error"])
+                return record
+        if config.save_images and "accuracy" in config.modes:
+            from .images import save_run_images
+
+            record.data["images"] = save_run_images(run_dir / "accuracy", spec.image_size, captions)
+    except KeyboardInterrupt:
+        record.finish("interrupted", "interrupted by the user (Ctrl-C)")
+        raise
+    record.finish("completed")
+    return record
+
+
+def _run_test_in_child(config: RunConfig, mode: str, test_dir: Path) -> dict[str, Any]:
+    """Run one LoadGen test in a spawned process; its result dict, or ``{"error": ...}``."""
+    test_dir.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")
+    parent_end, child_end = context.Pipe(duplex=False)
+    process = context.Process(target=_child_main, args=(config, mode, str(test_dir), child_end),
+                              name=f"loadgen-{mode}")
+    process.start()
+    child_end.close()
+    try:
+        result = parent_end.recv() if parent_end.poll(None) else None
+    except EOFError:
+        result = None
+    except KeyboardInterrupt:
+        process.join(timeout=60)  # the child aborts its SUT and lets LoadGen finish its logs
+        raise
+    process.join()
+    if result is None:
+        result = {"scenario": config.scenario, "mode": mode, "dir": str(test_dir),
+                  "error": f"the test process died (exit code {process.exitcode})"}
+    return result
+
+
+def _child_main(config: RunConfig, mode: str, test_dir: str, conn) -> None:
+    try:
+        from .loadgen_test import run_loadgen_test
+
+        result = run_loadgen_test(config, mode, Path(test_dir))
+    except KeyboardInterrupt:
+        result = {"scenario": config.scenario, "mode": mode, "dir": test_dir, "error": "interrupted"}
+    except BaseException as exc:  # noqa: BLE001 -- reported to the parent, which fails the run
+        traceback.print_exc()
+        result = {"scenario": config.scenario, "mode": mode, "dir": test_dir, "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        conn.send(result)
+    finally:
+        conn.close()
+        os._exit(0 if "error" not in result else 1)  # LoadGen's threads must not keep the child alive

@@ -1,0 +1,39 @@
+"""Everything one ``run`` needs, as a picklable record (each LoadGen test runs in a child process)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_USER_CONF = Path(__file__).parent / "data" / "user.conf"
+
+
+@dataclass
+class RunConfig:
+    profile: str = "tiny"
+    model_path: str | None = None
+    backend: str = "torch"
+    dtype: str = "fp32"
+    device: str = "cpu"
+    encodings: str | None = None
+    recipe: str | None = None
+    scenario: str = "Offline"
+    modes: tuple[str, ...] = ("performance",)
+    dataset_path: str | None = None
+    max_samples: int | None = None
+    latents: str | None = None
+    user_conf: str = str(DEFAULT_USER_CONF)
+    audit_conf: str | None = None
+    count: int | None = None
+    time_s: float | None = None
+    qps: float | None = None
+    max_batchsize: int = 1
+    threads: int = 1
+    output: str = ""
+    save_images: bool = False
+    warmup: bool = True
+    cache_dir: str = "build/cache"
+    backend_extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,162 @@
+"""The system under test: one SUT for every scenario; scenarios differ only in how samples are batched.
+
+LoadGen's issue thread only enqueues ``(response id, qsl_idx)`` pairs and returns, so it is never
+blocked however far queries outpace the model (Server). ``--threads`` workers each take the first
+waiting sample and then whatever else has already arrived, up to ``max_batch``:
+
+* Offline: the one query's samples are all waiting, so workers run full batches;
+* Server: batches form from the queries that arrived while the workers were busy (the reference
+  never batches across Server queries; ``--max-batchsize 1`` reproduces that);
+* SingleStream: one query is in flight at a time, so batches are of one.
+
+Every sample is answered even when generation fails (with an empty response, once), so LoadGen never
+waits forever; the first error is re-raised by :meth:`BatchingSUT.stop` and fails the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .pipeline import SDXLPipeline
+from .qsl import CaptionQSL
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+@dataclass
+class SUTStats:
+    batches: Counter = field(default_factory=Counter)  # batch size -> count
+    samples: int = 0
+    failed_samples: int = 0
+
+    def describe(self) -> dict:
+        return {"samples": self.samples, "failed_samples": self.failed_samples,
+                "batch_sizes": {str(k): v for k, v in sorted(self.batches.items())}}
+
+
+class BatchingSUT:
+    """A LoadGen SUT that runs :class:`SDXLPipeline` on batches of waiting samples."""
+
+    def __init__(self, pipeline: SDXLPipeline, qsl: CaptionQSL, latent: torch.Tensor, max_batch: int = 1,
+                 threads: int = 1, name: str = "sdxl-ptq-bench"):
+        if max_batch < 1 or threads < 1:
+            raise ValueError("--max-batchsize and --threads must be >= 1")
+        self.pipeline, self.qsl, self.latent = pipeline, qsl, latent
+        self.max_batch, self.threads, self.name = max_batch, threads, name
+        self.stats = SUTStats()
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._abort = threading.Event()
+        self._stats_lock = threading.Lock()
+        self._workers = [threading.Thread(target=self._work, name=f"sut-worker-{i}", daemon=True) for i in range(threads)]
+        self._handle = None
+
+    # -- LoadGen callbacks -------------------------------------------------------------------
+    def issue_queries(self, query_samples) -> None:
+        for sample in query_samples:
+            self._queue.put((sample.id, sample.index))
+
+    def flush_queries(self) -> None:
+        """Nothing is held back: workers always drain the queue."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self):
+        import mlperf_loadgen as lg
+
+        for worker in self._workers:
+            worker.start()
+        self._handle = lg.ConstructSUT(self.issue_queries, self.flush_queries)
+        return self._handle
+
+    def abort(self) -> None:
+        """Answer every further sample at once with an empty response (Ctrl-C): LoadGen then ends quickly."""
+        self._abort.set()
+
+    def stop(self) -> None:
+        """Stop the workers; re-raise the first generation error, if any."""
+        import mlperf_loadgen as lg
+
+        for _ in self._workers:
+            self._queue.put(_STOP)
+        for worker in self._workers:
+            worker.join()
+        if self._handle is not None:
+            lg.DestroySUT(self._handle)
+            self._handle = None
+        if self._error is not None:
+            raise RuntimeError(f"generation failed: {self._error!r}") from self._error
+
+    def warmup(self, prompt: str = "warm-up", batch_sizes: tuple[int, ...] | None = None) -> None:
+        """Untimed generations at the batch sizes the run will use, so lazy initialisation is not measured."""
+        from .tokenizers import tokenize
+
+        for n in batch_sizes or sorted({1, self.max_batch}):
+            ids = [tokenize(tok, [prompt] * n) for tok in self.pipeline_tokenizers]
+            self.pipeline.generate(ids[0], ids[1], self.latent)
+
+    @property
+    def pipeline_tokenizers(self) -> tuple:
+        return self.qsl.tokenizers
+
+    # -- workers -----------------------------------------------------------------------------
+    def _next_batch(self) -> list[tuple[int, int]] | None:
+        first = self._queue.get()
+        if first is _STOP:
+            return None
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._queue.put(_STOP)  # leave it for the next round
+                break
+            batch.append(item)
+        return batch
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[tuple[int, int]]) -> None:
+        import mlperf_loadgen as lg
+
+        ids = [response_id for response_id, _ in batch]
+        if self._error is not None or self._abort.is_set():
+            self._complete_empty(ids)
+            return
+        try:
+            ids_1, ids_2 = self.qsl.get([index for _, index in batch])
+            images = self.pipeline.generate(ids_1, ids_2, self.latent)
+        except BaseException as exc:  # noqa: BLE001 -- any failure must still answer LoadGen
+            log.exception("generation failed for a batch of %d", len(batch))
+            if self._error is None:
+                self._error = exc
+            self._complete_empty(ids)
+            return
+        responses = [lg.QuerySampleResponse(rid, _address(img), img.nbytes) for rid, img in zip(ids, images)]
+        lg.QuerySamplesComplete(responses)  # LoadGen copies the bytes it logs during this call
+        with self._stats_lock:
+            self.stats.batches[len(batch)] += 1
+            self.stats.samples += len(batch)
+
+    def _complete_empty(self, ids: list[int]) -> None:
+        import mlperf_loadgen as lg
+
+        lg.QuerySamplesComplete([lg.QuerySampleResponse(rid, 0, 0) for rid in ids])
+        with self._stats_lock:
+            self.stats.failed_samples += len(ids)
+
+
+def _address(image: np.ndarray) -> int:
+    assert image.flags["C_CONTIGUOUS"]
+    return image.__array_interface__["data"][0]

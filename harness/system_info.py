@@ -1,0 +1,96 @@
+"""Facts about the machine that every benchmark figure must carry (CPU model and ISA, versions)."""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+#: ISA features that change which kernels run: int8 dot products (VNNI), native bf16, AMX tiles.
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_isa() -> list[str]:
+    """The ISA features among :data:`_ISA_FLAGS` this CPU has, e.g. ``['avx2', 'avx512f', 'avx512_vnni']``."""
+    return [flag for flag in _ISA_FLAGS if flag in cpu_flags()]
+
+
+def isa_summary() -> str:
+    """One word for tables: AMX, AVX512-VNNI, AVX512, AVX2 or the machine name."""
+    flags = cpu_flags()
+    if "amx_tile" in flags:
+        return "AMX"
+    if "avx512_vnni" in flags:
+        return "AVX512-VNNI"
+    if "avx512f" in flags:
+        return "AVX512"
+    if "avx2" in flags:
+        return "AVX2"
+    return platform.machine()
+
+
+def native_bf16() -> bool:
+    """True where torch runs bf16 matmul in hardware (AVX512-BF16 or AMX); elsewhere it is emulated."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def package_versions(names=("torch", "diffusers", "transformers", "mlcommons-loadgen", "numpy",
+                            "onnxruntime", "open_clip_torch")) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str | None:
+    """HEAD of the harness checkout, with ``-dirty`` when there are uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def system_description() -> dict:
+    """The block recorded in every ``run.json`` and benchmark JSON."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu_model": cpu_model(), "cpu_isa": cpu_isa(), "isa": isa_summary(), "cpu_count": _cpu_count(),
+            "gpu": gpu, "platform": platform.platform(), "versions": package_versions(), "git_commit": git_commit()}
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
