@@ -1,0 +1,219 @@
+"""The one encodings format every method writes: JSON modelled on AIMET 2.0.0 / ONNX ``QuantizeLinear``.
+
+Layout (``format: sdxl-ptq-bench/encodings``, documented with an example in ``docs/calibration.md``)::
+
+    {"format": "sdxl-ptq-bench/encodings", "version": "1.0.0", "scheme_table_version": 1,
+     "recipe": {...}, "model": {"profile": ..., "fingerprint": ...}, "calibration": {...},
+     "weights_delta": null | "<file>.safetensors", "size": {<component>: {...}},
+     "components": {"unet": {"<module>:<input|weight|output>[i]": Entry | [Entry, ...]}}}
+
+An ``Entry`` is ``{dtype, bits, symmetric, axis, scale[], offset[], min[], max[]}`` plus optional
+``timesteps: [lo, hi]`` (inclusive; a key may hold a list of entries with disjoint ranges),
+``channel_groups`` and ``observer`` (provenance). ``dtype`` is the ONNX/AIMET-2.0.0 ``output_dtype``
+name, ``scale`` the ``y_scale`` and ``offset`` the ONNX ``y_zero_point`` (``q = round(x/scale) + offset``);
+arrays have one element per channel along ``axis`` (``axis: null`` = per-tensor, length 1). Sections
+are per component because the two text encoders share module names.
+
+Keys name real module paths inside the component (``down_blocks.1.attentions.0...to_q:weight[0]``);
+attention matmuls use the virtual modules ``<attention>.bmm1`` (inputs Q, K^T) and ``<attention>.bmm2``
+(inputs softmax, V). :func:`validate_encodings` checks names, kinds and shapes against the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .formats import SCHEME_TABLE_VERSION, get_format
+from .quantizers import QParams
+
+FORMAT_NAME = "sdxl-ptq-bench/encodings"
+FORMAT_VERSION = "1.0.0"
+KEY_RE = re.compile(r"^(?P<module>[A-Za-z0-9_.]+):(?P<kind>input|weight|output)\[(?P<index>\d+)\]$")
+
+
+class EncodingsError(ValueError):
+    """A bad encodings file or recipe; the message names the file and the offending key."""
+
+
+def tensor_key(module: str, kind: str, index: int = 0) -> str:
+    """``tensor_key("conv1", "weight") -> "conv1:weight[0]"`` -- the one spelling of a quantizer's name."""
+    return f"{module}:{kind}[{index}]"
+
+
+def parse_key(key: str) -> tuple[str, str, int]:
+    match = KEY_RE.match(key)
+    if not match:
+        raise EncodingsError(f"bad encodings key {key!r}: expected '<module>:<input|weight|output>[i]'")
+    return match["module"], match["kind"], int(match["index"])
+
+
+@dataclass
+class Encoding:
+    """One quantizer's parameters (see the module docstring for the JSON spelling)."""
+
+    dtype: str
+    bits: int
+    symmetric: bool
+    axis: int | None
+    scale: list[float]
+    offset: list[int]
+    min: list[float]
+    max: list[float]
+    timesteps: tuple[int, int] | None = None
+    channel_groups: list[list[int]] | None = None
+    observer: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.min or not self.max:  # derived, so hand-written entries may leave them out
+            lo, hi = self.qparams().range()
+            self.min, self.max = [float(v) for v in lo], [float(v) for v in hi]
+
+    @classmethod
+    def from_qparams(cls, qp: QParams, observer: dict[str, Any] | None = None,
+                     timesteps: tuple[int, int] | None = None) -> "Encoding":
+        lo, hi = qp.range()
+        return cls(qp.fmt.name, qp.fmt.bits, bool(qp.symmetric), qp.axis,
+                   [float(v) for v in qp.scale.float()], [int(v) for v in qp.offset],
+                   [float(v) for v in lo.float()], [float(v) for v in hi.float()], timesteps, None, observer)
+
+    def qparams(self) -> QParams:
+        return QParams(get_format(self.dtype), torch.tensor(self.scale, dtype=torch.float32),
+                       torch.tensor(self.offset, dtype=torch.float32), self.axis, self.symmetric)
+
+    @property
+    def channels(self) -> int:
+        return len(self.scale)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dtype": self.dtype, "bits": self.bits, "symmetric": self.symmetric, "axis": self.axis,
+                               "scale": self.scale, "offset": self.offset, "min": self.min, "max": self.max}
+        if self.timesteps is not None:
+            out["timesteps"] = list(self.timesteps)
+        if self.channel_groups is not None:
+            out["channel_groups"] = self.channel_groups
+        if self.observer is not None:
+            out["observer"] = self.observer
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "Encoding":
+        """Parse and check one entry; ``where`` (file and key) prefixes every error."""
+        if not isinstance(data, dict):
+            raise EncodingsError(f"{where}: an encoding must be an object, got {type(data).__name__}")
+        missing = [k for k in ("dtype", "scale") if k not in data]
+        if missing:
+            raise EncodingsError(f"{where}: missing field(s) {', '.join(missing)}")
+        try:
+            fmt = get_format(str(data["dtype"]))
+        except ValueError as exc:
+            raise EncodingsError(f"{where}: {exc}") from None
+        scale = [float(v) for v in _as_list(data["scale"])]
+        offset = [int(v) for v in _as_list(data.get("offset", [0] * len(scale)))]
+        if not scale or len(offset) != len(scale):
+            raise EncodingsError(f"{where}: scale and offset must be non-empty and of equal length "
+                                 f"(got {len(scale)} and {len(offset)})")
+        if any(not s > 0 or s != s or s == float("inf") for s in scale):
+            raise EncodingsError(f"{where}: every scale must be a finite positive number")
+        if not fmt.is_float and any(not fmt.qmin <= o <= fmt.qmax for o in offset):
+            raise EncodingsError(f"{where}: offset outside [{fmt.qmin}, {fmt.qmax}] of {fmt.name}")
+        axis = data.get("axis")
+        if axis is None and len(scale) != 1:
+            raise EncodingsError(f"{where}: {len(scale)} scales but no axis (per-tensor needs exactly one)")
+        bits = int(data.get("bits", fmt.bits))
+        if bits != fmt.bits:
+            raise EncodingsError(f"{where}: bits {bits} does not match dtype {fmt.name}")
+        return cls(fmt.name, bits, bool(data.get("symmetric", True)), None if axis is None else int(axis), scale, offset,
+                   [float(v) for v in _as_list(data.get("min", []))], [float(v) for v in _as_list(data.get("max", []))],
+                   tuple(data["timesteps"]) if data.get("timesteps") is not None else None,
+                   data.get("channel_groups"), data.get("observer"))
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclass
+class Encodings:
+    """Encodings of one component (what :func:`calibration.quantize` returns) or of several."""
+
+    components: dict[str, dict[str, Encoding | list[Encoding]]] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    size: dict[str, Any] = field(default_factory=dict)
+    weights_delta: str | None = None
+    #: per component, the Conv2d/Linear modules a recipe kept in high precision (AIMET's ``excluded_layers``)
+    excluded: dict[str, list[str]] = field(default_factory=dict)
+
+    def component(self, name: str) -> dict[str, Encoding | list[Encoding]]:
+        return self.components.setdefault(name, {})
+
+    def merge(self, other: "Encodings") -> "Encodings":
+        """Add ``other``'s components (a later ``quantize`` of another component) to this file."""
+        for name, entries in other.components.items():
+            self.component(name).update(entries)
+        self.size.update(other.size)
+        self.excluded.update(other.excluded)
+        return self
+
+    def num_quantizers(self) -> int:
+        return sum(len(v) for v in self.components.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "scheme_table_version": SCHEME_TABLE_VERSION,
+                "recipe": self.recipe, "model": self.model, "calibration": self.calibration,
+                "weights_delta": self.weights_delta, "size": self.size, "excluded": self.excluded,
+                "components": {c: {k: ([e.to_json() for e in v] if isinstance(v, list) else v.to_json())
+                                   for k, v in sorted(entries.items())}
+                               for c, entries in self.components.items()}}
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (a killed run never leaves half a file that would load)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Encodings":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise EncodingsError(f"encodings file {path} not found") from None
+        except json.JSONDecodeError as exc:
+            raise EncodingsError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_json(data, str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "<encodings>") -> "Encodings":
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise EncodingsError(f"{where} is not an sdxl-ptq-bench encodings file (format != {FORMAT_NAME!r}); "
+                                 "AIMET files are an export target, not an input")
+        if int(data.get("scheme_table_version", 0)) > SCHEME_TABLE_VERSION:
+            raise EncodingsError(f"{where} uses scheme table v{data['scheme_table_version']}, newer than this code's "
+                                 f"v{SCHEME_TABLE_VERSION}")
+        components: dict[str, dict[str, Encoding | list[Encoding]]] = {}
+        for comp, entries in (data.get("components") or {}).items():
+            parsed: dict[str, Encoding | list[Encoding]] = {}
+            for key, value in entries.items():
+                here = f"{where}: {comp}/{key}"
+                if not KEY_RE.match(key):
+                    raise EncodingsError(f"{here}: bad key, expected '<module>:<input|weight|output>[i]'")
+                if isinstance(value, list):
+                    parsed[key] = [Encoding.from_json(v, here) for v in value]
+                    if any(e.timesteps is None for e in parsed[key]):
+                        raise EncodingsError(f"{here}: a list of encodings needs a 'timesteps' range on each")
+                else:
+                    parsed[key] = Encoding.from_json(value, here)
+            components[comp] = parsed
+        return cls(components, data.get("recipe") or {}, data.get("model") or {}, data.get("calibration") or {},
+                   data.get("size") or {}, data.get("weights_delta"), data.get("excluded") or {})
