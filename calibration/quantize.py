@@ -1,0 +1,128 @@
+"""``quantize(module, recipe, forward_loop) -> Encodings``: the one entry point every PTQ method builds on.
+
+Shaped like modelopt's ``mtq.quantize(model, config, forward_loop)`` and AIMET's
+``sim.compute_encodings(callback)``: the algorithm sees a module and a callable that runs
+representative data through it -- never prompts or the pipeline -- so the same code calibrates the
+UNet, the text encoders or the VAE, and a unit test can drive it with three random tensors.
+
+Observers watch FP32 activations (quantizers pass data through while calibrating, as in modelopt's
+and AIMET's calibration mode); weights need no data. With ``apply=True`` (modelopt's behaviour) the
+module leaves fake-quantized: weights q/dq'd in place, activation q/dq hooks installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from .encodings import Encoding, Encodings, tensor_key
+from .observers import Observer, make_observer
+from .quantizers import qparams_from_range
+from .recipes import LayerPlan, QuantizerSpec, Recipe, RecipeError, load_recipe
+from .sizes import model_size
+
+log = logging.getLogger(__name__)
+
+ForwardLoop = Callable[[torch.nn.Module], None]
+
+
+def _encoding(observer: Observer, spec: QuantizerSpec, axis: int | None) -> Encoding:
+    lo, hi = observer.compute_range(spec.fmt, spec.symmetric)
+    qp = qparams_from_range(lo, hi, spec.fmt, spec.symmetric, axis=axis if lo.numel() > 1 else None)
+    # the calibrated (pre-nudging) range is kept so later methods can re-derive other bit widths
+    provenance = {**observer.describe(), "range_min": [float(v) for v in lo], "range_max": [float(v) for v in hi]}
+    return Encoding.from_qparams(qp, observer=provenance)
+
+
+def weight_encoding(plan: LayerPlan) -> Encoding:
+    """The weight quantizer of one layer, straight from the weight tensor."""
+    spec = plan.weights
+    axis = spec.resolved_axis(plan.module, "weights")
+    observer = make_observer({k: v for k, v in spec.observer.items() if k != "per_timestep"}, axis)
+    observer.update(plan.module.weight)
+    return _encoding(observer, spec, axis)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    x = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
+    return x if isinstance(x, torch.Tensor) else None
+
+
+class ActivationObservers:
+    """Observer hooks on the inputs/outputs of planned layers; removed by :meth:`remove`."""
+
+    def __init__(self, plans: list[LayerPlan]):
+        self.observers: dict[str, tuple[Observer, QuantizerSpec, int | None]] = {}
+        self._handles = []
+        for plan in plans:
+            if plan.inputs is not None:
+                axis = plan.inputs.resolved_axis(plan.module, "inputs")
+                obs = make_observer(plan.inputs.observer, axis)
+                self.observers[tensor_key(plan.name, "input")] = (obs, plan.inputs, axis)
+                self._handles.append(plan.module.register_forward_pre_hook(self._pre_hook(obs), with_kwargs=True))
+            if plan.outputs is not None:
+                axis = plan.outputs.resolved_axis(plan.module, "outputs")
+                obs = make_observer(plan.outputs.observer, axis)
+                self.observers[tensor_key(plan.name, "output")] = (obs, plan.outputs, axis)
+                self._handles.append(plan.module.register_forward_hook(self._post_hook(obs)))
+
+    @staticmethod
+    def _pre_hook(obs: Observer):
+        def hook(module, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            if x is not None:
+                obs.update(x)
+        return hook
+
+    @staticmethod
+    def _post_hook(obs: Observer):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                obs.update(output)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def encodings(self) -> dict[str, Encoding]:
+        out = {}
+        for key, (obs, spec, axis) in self.observers.items():
+            if obs.count == 0:
+                log.warning("%s never ran during calibration; left in high precision", key)
+                continue
+            out[key] = _encoding(obs, spec, axis)
+        return out
+
+
+def quantize(module: torch.nn.Module, recipe: Recipe | str | dict, forward_loop: ForwardLoop | None = None, *,
+             component: str = "model", apply: bool = True) -> Encodings:
+    """Calibrate ``module`` with ``recipe`` over ``forward_loop(module)``; return (and by default apply) encodings."""
+    recipe = load_recipe(recipe)
+    plans, excluded = recipe.plan(module)
+    if not plans:
+        raise RecipeError(f"{recipe.source}: matches no {'/'.join(recipe.types)} module of {component}")
+    entries: dict[str, Encoding | list[Encoding]] = {}
+    for plan in plans:
+        if plan.weights is not None and getattr(plan.module, "weight", None) is not None:
+            entries[tensor_key(plan.name, "weight")] = weight_encoding(plan)
+    hooks = ActivationObservers(plans)
+    if hooks.observers:
+        if forward_loop is None:
+            raise ValueError(f"recipe {recipe.name} quantizes activations: quantize() needs a forward_loop")
+        try:
+            with torch.inference_mode():
+                forward_loop(module)
+        finally:
+            hooks.remove()
+        entries.update(hooks.encodings())
+    encodings = Encodings(components={component: entries}, recipe=recipe.to_json(), excluded={component: excluded})
+    encodings.size[component] = model_size(module, entries)
+    if apply:
+        from .fake_quant import apply_encodings
+
+        apply_encodings(module, entries, component)
+    return encodings

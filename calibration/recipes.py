@@ -1,0 +1,229 @@
+"""Recipes: which tensors get quantized, to what format, with which observer -- as data files.
+
+A recipe is a YAML (or JSON) file; the built-in ones live in ``calibration/recipes/`` and are named by
+their stem (``--recipe w8a8``), any other path is read as is. A new scheme is a new file, not code.
+Fields (all checked on load, errors name the file and key):
+
+``name``, ``description``; ``components`` (default set calibrated from the pipeline); ``types``
+(module classes, default ``[Conv2d, Linear]``); ``weights`` / ``inputs`` / ``outputs``: a quantizer
+``{dtype, symmetric, axis, observer}`` or ``null`` (off); ``exclude``: module-name patterns kept in
+high precision; ``overrides``: ``[{match: [patterns], weights|inputs|outputs: {...} | null}]`` applied
+in order; ``calibration``: defaults for the capture (``timesteps``, ``num_prompts``).
+
+Patterns: a glob (``*attn*.to_q``) is matched against the whole dotted name; a plain name
+(``conv_shortcut``, ``time_embedding``) matches any run of whole dotted segments, like modelopt's
+``filter_func_default`` does for SDXL. Input ``axis: channel`` means the layer's input-channel axis
+(1 for Conv2d, -1 for Linear).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .encodings import EncodingsError
+from .formats import get_format
+from .observers import make_observer
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+TOP_LEVEL_KEYS = {"name", "description", "components", "types", "weights", "inputs", "outputs", "exclude",
+                  "overrides", "calibration"}
+QUANTIZER_KEYS = {"dtype", "symmetric", "axis", "observer"}
+SLOTS = ("weights", "inputs", "outputs")
+MODULE_TYPES = {"Conv2d": torch.nn.Conv2d, "Linear": torch.nn.Linear, "Conv1d": torch.nn.Conv1d}
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+
+
+class RecipeError(EncodingsError):
+    """A recipe that cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """How one tensor is quantized: format, symmetry, channel axis and observer."""
+
+    dtype: str
+    symmetric: bool
+    axis: int | str | None
+    observer: dict[str, Any]
+
+    @property
+    def fmt(self):
+        return get_format(self.dtype)
+
+    def resolved_axis(self, module: torch.nn.Module, slot: str) -> int | None:
+        """``axis: channel`` -> the layer's channel axis for activations; ints pass through."""
+        if self.axis != "channel":
+            return self.axis
+        if slot == "weights":
+            return 0
+        return -1 if isinstance(module, torch.nn.Linear) else 1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The quantizers of one matched module (``None`` = that slot stays in high precision)."""
+
+    name: str
+    module: torch.nn.Module
+    weights: QuantizerSpec | None
+    inputs: QuantizerSpec | None
+    outputs: QuantizerSpec | None
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str = ""
+    components: tuple[str, ...] = ("unet",)
+    types: tuple[str, ...] = ("Conv2d", "Linear")
+    weights: QuantizerSpec | None = None
+    inputs: QuantizerSpec | None = None
+    outputs: QuantizerSpec | None = None
+    exclude: tuple[str, ...] = ()
+    overrides: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The recipe as recorded in encodings headers (the file's content plus where it came from)."""
+        return {**self.raw, "name": self.name, "source": self.source}
+
+    def plan(self, module: torch.nn.Module) -> tuple[list[LayerPlan], list[str]]:
+        """Match the recipe against ``module``: quantized layers, and layers of a target type kept high precision."""
+        types = tuple(MODULE_TYPES[t] for t in self.types)
+        plans, excluded = [], []
+        for name, sub in module.named_modules():
+            if not name or not isinstance(sub, types):
+                continue
+            if any(name_matches(name, p) for p in self.exclude):
+                excluded.append(name)
+                continue
+            slots = {slot: getattr(self, slot) for slot in SLOTS}
+            for override in self.overrides:
+                if any(name_matches(name, p) for p in override["match"]):
+                    for slot in SLOTS:
+                        if slot in override:
+                            slots[slot] = override[slot]
+            if not any(slots.values()):
+                excluded.append(name)
+                continue
+            plans.append(LayerPlan(name, sub, slots["weights"], slots["inputs"], slots["outputs"]))
+        return plans, excluded
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Glob against the full name, or a plain pattern against whole dotted segments."""
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return f".{pattern}." in f".{name}."
+
+
+def _quantizer(value: Any, where: str) -> QuantizerSpec | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a quantizer mapping or null, got {type(value).__name__}")
+    unknown = set(value) - QUANTIZER_KEYS
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(QUANTIZER_KEYS))}")
+    if "dtype" not in value:
+        raise RecipeError(f"{where}: missing 'dtype'")
+    try:
+        fmt = get_format(str(value["dtype"]))
+    except ValueError as exc:
+        raise RecipeError(f"{where}.dtype: {exc}") from None
+    axis = value.get("axis")
+    if axis is not None and axis != "channel" and not isinstance(axis, int):
+        raise RecipeError(f"{where}.axis: expected an integer, 'channel' or null, got {axis!r}")
+    observer = value.get("observer", "minmax")
+    observer = {"kind": observer} if isinstance(observer, str) else dict(observer)
+    try:
+        make_observer(observer, None)
+    except ValueError as exc:
+        raise RecipeError(f"{where}.observer: {exc}") from None
+    symmetric = bool(value.get("symmetric", fmt.is_float or fmt.signed))
+    if fmt.is_float and not symmetric:
+        raise RecipeError(f"{where}: {fmt.name} quantizers are symmetric (no zero point)")
+    return QuantizerSpec(fmt.name, symmetric, axis, observer)
+
+
+def parse_recipe(data: Any, source: str) -> Recipe:
+    """Validate a recipe mapping; every error message starts with ``source`` and the key."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping")
+    unknown = set(data) - TOP_LEVEL_KEYS
+    if unknown:
+        raise RecipeError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    if not data.get("name"):
+        raise RecipeError(f"{source}: missing 'name'")
+    components = tuple(data.get("components") or ("unet",))
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad:
+        raise RecipeError(f"{source}: components: unknown {', '.join(bad)}; choose from {', '.join(COMPONENTS)}")
+    types = tuple(data.get("types") or ("Conv2d", "Linear"))
+    bad = [t for t in types if t not in MODULE_TYPES]
+    if bad:
+        raise RecipeError(f"{source}: types: unknown {', '.join(bad)}; choose from {', '.join(MODULE_TYPES)}")
+    overrides = []
+    for i, override in enumerate(data.get("overrides") or []):
+        where = f"{source}: overrides[{i}]"
+        if not isinstance(override, dict) or not override.get("match"):
+            raise RecipeError(f"{where}: needs a 'match' list of patterns")
+        extra = set(override) - {"match", *SLOTS}
+        if extra:
+            raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
+        match = override["match"]
+        parsed = {"match": [match] if isinstance(match, str) else list(match)}
+        for slot in SLOTS:
+            if slot in override:
+                parsed[slot] = _quantizer(override[slot], f"{where}.{slot}")
+        overrides.append(parsed)
+    recipe = Recipe(str(data["name"]), str(data.get("description", "")), components, types,
+                    *(_quantizer(data.get(slot), f"{source}: {slot}") for slot in SLOTS),
+                    exclude=tuple(data.get("exclude") or ()), overrides=overrides,
+                    calibration=dict(data.get("calibration") or {}), source=source, raw=data)
+    if not any((recipe.weights, recipe.inputs, recipe.outputs)) and not overrides:
+        raise RecipeError(f"{source}: quantizes nothing (weights, inputs and outputs are all null)")
+    return recipe
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path | Recipe | dict) -> Recipe:
+    """``w8a8`` (built-in), a path to a ``.yaml``/``.json`` file, a mapping, or a Recipe (returned as is)."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    if isinstance(name_or_path, dict):
+        return parse_recipe(name_or_path, "<recipe>")
+    path = Path(name_or_path)
+    if not path.is_file():
+        builtin = RECIPE_DIR / f"{name_or_path}.yaml"
+        if not builtin.is_file():
+            raise RecipeError(f"recipe {name_or_path!r} is neither a file nor a built-in recipe "
+                              f"({', '.join(builtin_recipes())})")
+        path = builtin
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml.YAMLError / JSONDecodeError: report, don't trace
+        raise RecipeError(f"{path}: cannot parse: {exc}") from None
+    source = path.stem if path.parent == RECIPE_DIR else str(path)
+    return parse_recipe(data, source)
+
+
+def with_components(recipe: Recipe, components: tuple[str, ...]) -> Recipe:
+    return replace(recipe, components=components)

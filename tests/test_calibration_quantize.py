@@ -1,0 +1,152 @@
+"""``quantize(module, recipe, forward_loop)`` on small modules: known answers, modelopt oracle, application."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from calibration.encodings import Encoding, EncodingsError
+from calibration.fake_quant import apply_encodings
+from calibration.quantize import quantize
+from calibration.quantizers import fake_quantize
+from calibration.recipes import RecipeError, builtin_recipes, load_recipe, name_matches
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.SiLU())
+        self.proj = torch.nn.Linear(8, 4)
+
+    def forward(self, x, timestep=None):
+        h = self.block(self.conv_in(x))
+        return self.proj(h.mean(dim=(2, 3)))
+
+
+def _model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = Toy().eval()
+    data = [torch.randn(2, 3, 8, 8) * (1 + i) for i in range(3)]
+    return model, data
+
+
+def _loop(data):
+    def forward_loop(module):
+        for x in data:
+            module(x)
+    return forward_loop
+
+
+W8A8_ALL = {**load_recipe("w8a8").raw, "exclude": []}
+
+
+def test_builtin_recipes_load():
+    assert {"w8a8", "w8a16", "fp8", "snpe-w8a8"} <= set(builtin_recipes())
+    for name in builtin_recipes():
+        assert load_recipe(name).name == name
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"weigths": {}}, "unknown key\\(s\\) weigths"),
+    ({"inputs": {"dtype": "int9"}}, "inputs.dtype: unknown quantized dtype"),
+    ({"inputs": {"dtype": "uint8", "observer": "magic"}}, "inputs.observer: unknown observer"),
+    ({"inputs": {"dtype": "float8e4m3fn", "symmetric": False}}, "symmetric"),
+    ({"components": ["unet", "decoder"]}, "unknown decoder"),
+])
+def test_bad_recipes_name_the_key(patch, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe({**load_recipe("w8a8").raw, **patch})
+
+
+def test_exclude_patterns_match_whole_segments():
+    assert name_matches("down_blocks.1.resnets.0.conv_shortcut", "conv_shortcut")
+    assert name_matches("time_embedding.linear_1", "time_embedding")
+    assert not name_matches("conv_in_extra", "conv_in")
+    assert name_matches("up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q", "*attn1.to_q")
+
+
+def test_minmax_known_answers():
+    model, data = _model_and_data()
+    enc = quantize(model, W8A8_ALL, _loop(data), component="toy", apply=False)
+    entries = enc.components["toy"]
+    w = model.conv_in.weight
+    amax = w.abs().amax(dim=(1, 2, 3))
+    assert entries["conv_in:weight[0]"].scale == pytest.approx((amax / 127).tolist(), rel=1e-6)
+    assert entries["conv_in:weight[0]"].axis == 0 and entries["conv_in:weight[0]"].offset == [0] * 8
+    x_all = torch.cat([x.reshape(-1) for x in data])
+    e = entries["conv_in:input[0]"]
+    assert e.observer["range_min"] == [pytest.approx(float(x_all.min()))]
+    assert e.scale[0] == pytest.approx(float(x_all.max() - x_all.min()) / 255, rel=1e-6)
+    assert e.dtype == "uint8" and not e.symmetric
+    assert set(entries) == {f"{m}:{k}[0]" for m in ("conv_in", "block.0", "proj") for k in ("weight", "input")}
+    assert enc.size["toy"]["percent_of_fp16"] < 60
+
+
+def test_w8a8_ranges_equal_modelopt_max_calibrator():
+    """Oracle: NVIDIA modelopt's `max` calibrator (INT8_DEFAULT_CFG) on the same module and data."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    warnings.filterwarnings("ignore")
+    model, data = _model_and_data(1)
+    reference = copy.deepcopy(model)
+    ours = quantize(model, W8A8_ALL, _loop(data), component="toy", apply=False).components["toy"]
+    mtq.quantize(reference, mtq.INT8_DEFAULT_CFG, forward_loop=_loop(data))
+    for name in ("conv_in", "block.0", "proj"):
+        module = reference.get_submodule(name)
+        w = ours[f"{name}:weight[0]"].observer
+        ours_w = torch.maximum(torch.tensor(w["range_min"]).abs(), torch.tensor(w["range_max"]).abs())
+        torch.testing.assert_close(ours_w, module.weight_quantizer.amax.flatten().float(), rtol=0, atol=0)
+        a = ours[f"{name}:input[0]"].observer
+        ours_a = max(abs(a["range_min"][0]), abs(a["range_max"][0]))
+        assert ours_a == float(module.input_quantizer.amax)
+
+
+def test_apply_fake_quantizes_weights_in_place_and_hooks_inputs():
+    model, data = _model_and_data()
+    reference = copy.deepcopy(model)
+    enc = quantize(model, W8A8_ALL, _loop(data), component="toy", apply=True)
+    entries = enc.components["toy"]
+    wq = entries["proj:weight[0]"].qparams()
+    assert torch.equal(model.proj.weight, fake_quantize(reference.proj.weight, wq))
+    x = data[0]
+    # manual simulation of the whole toy network
+    q = lambda key, t: fake_quantize(t, entries[key].qparams())
+    h = torch.nn.functional.conv2d(q("conv_in:input[0]", x), model.conv_in.weight, model.conv_in.bias, padding=1)
+    h = torch.nn.functional.silu(torch.nn.functional.conv2d(q("block.0:input[0]", h), model.block[0].weight,
+                                                            model.block[0].bias, padding=1))
+    expected = torch.nn.functional.linear(q("proj:input[0]", h.mean(dim=(2, 3))), model.proj.weight, model.proj.bias)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_exclusions_and_fp8_recipe():
+    model, data = _model_and_data()
+    enc = quantize(model, "fp8", _loop(data), component="toy", apply=False)
+    entries = enc.components["toy"]
+    assert not any(k.startswith("conv_in:") for k in entries) and enc.excluded["toy"] == ["conv_in"]
+    assert entries["proj:input[0]"].dtype == "float8e4m3fn" and entries["proj:input[0]"].observer["kind"] == "percentile"
+
+
+def test_validation_names_the_key():
+    model, _ = _model_and_data()
+    good = Encoding("int8", 8, True, 0, [0.1] * 8, [0] * 8, [], [])
+    with pytest.raises(EncodingsError, match="conv_inn:weight\\[0\\]: no module 'conv_inn'.*did you mean 'conv_in'"):
+        apply_encodings(model, {"conv_inn:weight[0]": good})
+    with pytest.raises(EncodingsError, match="proj:weight\\[0\\]: 8 channels on axis 0 but the weight has shape \\(4, 8\\)"):
+        apply_encodings(model, {"proj:weight[0]": good})
+    bad_input = Encoding("uint8", 8, False, -1, [0.1] * 5, [0] * 5, [], [])
+    with pytest.raises(EncodingsError, match="proj:input\\[0\\]: 5 channels on axis -1 but 'proj' has 8"):
+        apply_encodings(model, {"proj:input[0]": bad_input})
+
+
+def test_timestep_ranged_encodings_follow_the_unet_timestep():
+    model, data = _model_and_data()
+    coarse = Encoding("uint8", 8, False, None, [0.5], [128], [], [], timesteps=(500, 999))
+    fine = Encoding("uint8", 8, False, None, [0.001], [128], [], [], timesteps=(0, 499))
+    apply_encodings(model, {"proj:output[0]": [coarse, fine]})
+    x = data[0]
+    high, low = model(x, torch.tensor(951)), model(x, torch.tensor(1))
+    assert torch.all(torch.remainder(high / 0.5, 1) == 0)
+    assert low.abs().max() <= 0.128 + 1e-6  # saturated at the fine range
