@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .evaluate import evaluate_log
-from .evaluators import RANDOM_WEIGHTS_WARNING, Evaluators, build_evaluators
+from .evaluators import RANDOM_WEIGHTS_REASON, Evaluators, build_evaluators
 from .fid import FidUndefined, frechet_distance
 from .fidelity import ImageSpill, psnr_ssim
 from .log_reader import AccuracyLogError
@@ -205,7 +205,7 @@ def compare_logs(quantized_log: str | Path, reference_log: str | Path, *, output
     clip_difference = None
     if quantized.clip_score is not None and reference.clip_score is not None:
         clip_difference = quantized.clip_score - reference.clip_score
-    not_comparable = ([RANDOM_WEIGHTS_WARNING] if options.random_weights else []) + evaluators.unofficial_weights()
+    not_comparable = ([RANDOM_WEIGHTS_REASON] if options.random_weights else []) + evaluators.unofficial_weights()
     summary: dict[str, Any] = {
         "compare_json_version": 1,
         "quantized": {"log": str(quantized_log.resolve()), "sha256": quantized.stats.sha256,
@@ -249,6 +249,6 @@ def format_compare_report(summary: dict[str, Any]) -> str:
              + (f" ({summary['fid_between_sets_note']})" if summary["fid_between_sets_note"] else ""),
              f"CLIP score difference (quantized - reference): {fmt(summary['clip_score_difference'])}"
              + (f" ({summary['clip_score_difference_note']})" if summary["clip_score_difference_note"] else "")]
-    lines += [f"!!! {reason} !!!" for reason in summary["not_comparable_reasons"]]
+    lines += [f"!!! NOT COMPARABLE: {reason} !!!" for reason in summary["not_comparable_reasons"]]
     lines.append(f"outputs: {', '.join(summary['files'].values())}")
     return "\n".join(lines)

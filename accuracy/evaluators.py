@@ -16,8 +16,9 @@ from .clip_score import ClipScorer
 from .fid import InceptionFeatures
 from .weights import WeightFile, WeightsUnavailable, resolve_clip, resolve_inception
 
-RANDOM_WEIGHTS_WARNING = ("NOT COMPARABLE: computed with RANDOM Inception/CLIP weights (--random-weights); "
-                          "these numbers only exercise the mechanics")
+RANDOM_WEIGHTS_REASON = ("computed with RANDOM Inception/CLIP weights (--random-weights); these numbers only "
+                         "exercise the mechanics")
+RANDOM_WEIGHTS_WARNING = "NOT COMPARABLE: " + RANDOM_WEIGHTS_REASON
 
 
 @dataclass

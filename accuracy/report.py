@@ -17,7 +17,7 @@ from harness.dataset import DatasetError, load_captions
 
 from .compliance_images import ComplianceImageWriter, read_ids
 from .evaluate import evaluate_log
-from .evaluators import RANDOM_WEIGHTS_WARNING, Evaluators, build_evaluators
+from .evaluators import RANDOM_WEIGHTS_REASON, RANDOM_WEIGHTS_WARNING, Evaluators, build_evaluators
 from .fid import FidUndefined, frechet_distance, load_statistics
 from .log_reader import AccuracyLogError
 from .run_info import RunInfoError, load_run_info
@@ -126,7 +126,7 @@ def audit_log(log_path: str | Path, *, dataset_path: str | Path | None = None, o
     clip_score = evaluation.clip_score
     clip_note = caption_note if captions is None else (evaluators.clip_note if clip_score is None else None)
 
-    not_comparable = ([RANDOM_WEIGHTS_WARNING] if options.random_weights else []) + evaluators.unofficial_weights()
+    not_comparable = ([RANDOM_WEIGHTS_REASON] if options.random_weights else []) + evaluators.unofficial_weights()
     verdict = mlperf_verdict(fid=fid, clip_score=clip_score, n_images=evaluation.n_images, image_size=image_size,
                              comparable=not not_comparable, fid_note=fid_note, clip_note=clip_note,
                              not_comparable_reason="; ".join(not_comparable))
@@ -198,7 +198,7 @@ def format_accuracy_report(result: dict[str, Any]) -> str:
         if result.get(key):
             lines.append(f"{key.replace('_note', '').replace('_', ' ')} unavailable: {result[key]}")
     for reason in result["not_comparable_reasons"]:
-        lines.append(f"!!! {reason} !!!")
+        lines.append(f"!!! NOT COMPARABLE: {reason} !!!")
     if result.get("model_random_weights"):
         lines.append("note: the run's model had random weights (run.json); its images are noise")
     lines.append(result["mlperf_results_line"])

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMAND_MODULES = ("harness.run_command",)
+COMMAND_MODULES = ("harness.run_command", "accuracy.commands")
 
 
 class UserError(Exception):
