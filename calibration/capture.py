@@ -1,0 +1,312 @@
+"""Calibration data from the real pipeline: timestep-aware UNet inputs, cached on disk, resumable.
+
+This is the only module that touches the pipeline. It runs the harness's own denoising loop (20
+EulerDiscrete steps, guidance 8, both CFG branches, MLPerf's fixed latent) over the calibration
+captions and keeps the UNet's inputs at the chosen timesteps. Everything is written in chunks of
+prompts as safetensors under ``<cache>/calib/<key>/``:
+
+* ``negative.safetensors`` -- the negative prompt's embeddings and the ``time_ids`` row (stored once);
+* ``embeds-NNNNN.safetensors`` -- per chunk, the positive prompt embeddings and pooled embeddings;
+* ``latents-NNNNN.safetensors`` -- per chunk, ``latent.<step>`` CFG batches and, when asked, ``final``;
+* ``manifest.json`` -- which chunks are complete (rewritten atomically after each one).
+
+The key hashes the model fingerprint, the selected captions, the timesteps and the loop settings, so a
+killed calibration resumes at the first incomplete chunk and a changed input never reuses stale data.
+Text encoders run first for every prompt, so they can be freed before the (large) UNet loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .context import timestep
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+class CalibrationDataError(ValueError):
+    """Bad calibration inputs (captions file, timesteps spec); the message says how to fix it."""
+
+
+def parse_timesteps(spec: str, schedule: list[int]) -> list[int]:
+    """``all | single | uniform:K | list:951,901,...`` -> step indices into ``schedule`` (951, 901, ..., 1).
+
+    ``single`` is the maximum-noise step (seed 003's single-step calibration); ``uniform:K`` spreads K
+    steps evenly from first to last (seed 002's sampling across the trajectory).
+    """
+    spec = (spec or "all").strip()
+    n = len(schedule)
+    if spec == "all":
+        return list(range(n))
+    if spec == "single":
+        return [0]
+    kind, _, arg = spec.partition(":")
+    if kind == "uniform":
+        try:
+            k = int(arg)
+        except ValueError:
+            k = 0
+        if not 1 <= k <= n:
+            raise CalibrationDataError(f"--timesteps {spec}: K must be an integer in 1..{n}")
+        return sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
+    if kind == "list":
+        wanted = [v.strip() for v in arg.split(",") if v.strip()]
+        steps = []
+        for value in wanted:
+            if not value.lstrip("-").isdigit() or int(value) not in schedule:
+                raise CalibrationDataError(f"--timesteps {spec}: {value} is not one of this schedule's timesteps "
+                                           f"({', '.join(map(str, schedule))})")
+            steps.append(schedule.index(int(value)))
+        return sorted(set(steps))
+    raise CalibrationDataError(f"--timesteps {spec!r}: use all, single, uniform:K or list:T1,T2,...")
+
+
+def read_calibration_captions(path: str | Path | None, profile: str, num_prompts: int | None = None) -> tuple[list[str], str]:
+    """Calibration prompts and a description of their source.
+
+    ``path`` is MLPerf's calibration captions (``coco_cal_captions_list.txt``, one per line, or a TSV
+    with a ``caption`` column as ``prepare-dataset`` writes it). A COCO *val2014* TSV -- the set the
+    benchmark scores on -- is refused: calibrating on the test set would inflate accuracy. ``tiny``
+    without a path uses the harness's built-in captions.
+    """
+    if path is None:
+        if profile != "tiny":
+            raise CalibrationDataError(f"profile {profile} needs --calibration-captions (MLPerf's 500 COCO train2014 "
+                                       "captions, coco_cal_captions_list.txt, as prepare-dataset writes them)")
+        from harness.dataset import load_captions
+
+        captions = load_captions().captions
+        source = "builtin:tiny"
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationDataError(f"calibration captions file {path} not found")
+        text = path.read_text(encoding="utf-8")
+        lines = [line for line in text.splitlines() if line.strip()]
+        header = lines[0].split("\t") if lines else []
+        if "caption" in header:
+            import pandas as pd
+
+            frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+            for column in ("file_name", "coco_url"):
+                if column in frame and frame[column].str.contains("val2014").any():
+                    raise CalibrationDataError(f"{path} holds COCO val2014 captions -- the validation set the benchmark "
+                                               "scores on; calibrate on MLPerf's train2014 calibration captions instead")
+            captions = frame["caption"].tolist()
+        else:
+            captions = [line.strip() for line in lines]
+        source = f"file:{path}"
+    if not captions:
+        raise CalibrationDataError(f"no captions in {source}")
+    if num_prompts is not None:
+        if num_prompts < 1:
+            raise CalibrationDataError(f"--num-prompts must be >= 1 (got {num_prompts})")
+        captions = captions[:num_prompts]
+    return captions, source
+
+
+def _captions_hash(captions: list[str]) -> str:
+    return hashlib.sha256("\n".join(captions).encode()).hexdigest()
+
+
+@dataclass
+class CalibrationData:
+    """A completed capture on disk; iterators load one chunk at a time (memory flat in the set size)."""
+
+    directory: Path
+    manifest: dict
+
+    @property
+    def timesteps(self) -> list[int]:
+        return self.manifest["timesteps"]
+
+    @property
+    def steps(self) -> list[int]:
+        return self.manifest["steps"]
+
+    def _load(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.directory / name))
+
+    def chunks(self) -> range:
+        return range(len(self.manifest["chunks"]))
+
+    def conditioning(self, chunk: int) -> dict[str, torch.Tensor]:
+        """The UNet conditioning of one chunk's CFG batch (negative rows first, as the pipeline)."""
+        neg, pos = self._load("negative.safetensors"), self._load(f"embeds-{chunk:05d}.safetensors")
+        n = pos["prompt_embeds"].shape[0]
+        return {"prompt_embeds": torch.cat([neg["prompt_embeds"].expand(n, -1, -1), pos["prompt_embeds"]]),
+                "text_embeds": torch.cat([neg["text_embeds"].expand(n, -1), pos["text_embeds"]]),
+                "time_ids": neg["time_ids"].expand(2 * n, -1).contiguous()}
+
+    def unet_samples(self) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(t, latent_input (2n,4,h,w), conditioning)`` for every chunk and captured step."""
+        for chunk in self.chunks():
+            cond = self.conditioning(chunk)
+            latents = self._load(f"latents-{chunk:05d}.safetensors")
+            for step, t in zip(self.steps, self.timesteps):
+                yield t, latents[f"latent.{step}"], cond
+
+    def final_latents(self) -> Iterator[torch.Tensor]:
+        for chunk in self.chunks():
+            latents = self._load(f"latents-{chunk:05d}.safetensors")
+            if "final" not in latents:
+                raise CalibrationDataError(f"{self.directory} was captured without final latents (VAE calibration "
+                                           "needs them): delete it or capture with VAE calibration")
+            yield latents["final"]
+
+    def token_ids(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for chunk in self.chunks():
+            ids = self._load(f"embeds-{chunk:05d}.safetensors")
+            yield ids["ids_1"], ids["ids_2"]
+
+    def unet_forward_loop(self, show_progress: bool = False):
+        """A ``forward_loop(unet)`` replaying the captured inputs, each under its timestep."""
+        def loop(unet: torch.nn.Module) -> None:
+            from harness.progress import progress
+
+            total = len(self.manifest["chunks"]) * len(self.steps)
+            for t, latent_input, cond in progress(self.unet_samples(), total=total, desc="calibrating unet",
+                                                  disable=not show_progress):
+                dtype = next(unet.parameters()).dtype
+                with timestep(t):
+                    unet(latent_input.to(dtype), torch.tensor(t), encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                         added_cond_kwargs={"text_embeds": cond["text_embeds"].to(dtype),
+                                            "time_ids": cond["time_ids"].to(dtype)}, return_dict=False)
+        return loop
+
+    def text_encoder_forward_loop(self, which: int):
+        def loop(encoder: torch.nn.Module) -> None:
+            for ids_1, ids_2 in self.token_ids():
+                encoder(ids_1 if which == 1 else ids_2, output_hidden_states=True)
+        return loop
+
+    def vae_forward_loop(self, scaling_factor: float):
+        def loop(vae: torch.nn.Module) -> None:
+            for final in self.final_latents():
+                vae.decode(final.to(next(vae.parameters()).dtype) / scaling_factor, return_dict=False)
+        return loop
+
+
+@dataclass
+class CaptureRequest:
+    captions: list[str]
+    captions_source: str
+    timesteps_spec: str = "all"
+    chunk_prompts: int = 4
+    need_final: bool = False
+    extra_key: dict = field(default_factory=dict)
+
+
+class _StopDenoise(Exception):
+    """Raised from the step callback once every wanted step is captured (skips the remaining UNet calls)."""
+
+
+def cache_key(fingerprint: str, request: CaptureRequest, steps: list[int], latent: torch.Tensor) -> str:
+    from harness.latents import latent_sha256
+
+    blob = json.dumps({"version": CACHE_VERSION, "model": fingerprint, "captions": _captions_hash(request.captions),
+                       "steps": steps, "chunk": request.chunk_prompts, "final": request.need_final,
+                       "latent": latent_sha256(latent), **request.extra_key}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    tmp = directory / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(directory / "manifest.json")
+
+
+def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str | Path,
+            free_text_encoders=None, show_progress: bool = True) -> CalibrationData:
+    """Run (or resume) the capture for ``request``; return the data on disk.
+
+    ``pipeline`` is a :class:`harness.pipeline.SDXLPipeline` over FP32 modules. ``free_text_encoders``,
+    when given, is called once every prompt is encoded (the caller drops its references).
+    """
+    from harness.latents import draw_latent
+    from harness.progress import progress
+    from harness.tokenizers import tokenize
+
+    schedule = [int(t) for t in pipeline.timesteps]
+    steps = parse_timesteps(request.timesteps_spec, schedule)
+    latent = draw_latent(spec.latent_size)
+    key = cache_key(spec.fingerprint(), request, steps, latent)
+    directory = Path(cache_dir) / "calib" / f"{spec.profile}-{key}"
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest_path = directory / "manifest.json"
+    chunks = [request.captions[i:i + request.chunk_prompts] for i in range(0, len(request.captions), request.chunk_prompts)]
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if manifest.get("key") != key:
+        manifest = {"key": key, "model": spec.fingerprint(), "profile": spec.profile, "captions": request.captions_source,
+                    "captions_sha256": _captions_hash(request.captions), "num_prompts": len(request.captions),
+                    "steps": steps, "timesteps": [schedule[s] for s in steps], "encoded": [], "chunks": [],
+                    "complete": False}
+    if manifest.get("complete"):
+        log.info("calibration data cached at %s", directory)
+        return CalibrationData(directory, manifest)
+
+    # phase 1: text encoders for every prompt (cheap), so they can be freed before the UNet loop
+    with torch.inference_mode():
+        if not (directory / "negative.safetensors").is_file():
+            neg_embeds, neg_pooled = pipeline._negative_embeddings()
+            _save({"prompt_embeds": neg_embeds, "text_embeds": neg_pooled,
+                   "time_ids": pipeline._time_ids(1, neg_embeds.dtype)}, directory / "negative.safetensors")
+        for index in progress(range(len(chunks)), desc="encoding calibration prompts", disable=not show_progress):
+            if index in manifest["encoded"]:
+                continue
+            ids_1, ids_2 = (tokenize(tok, chunks[index]) for tok in tokenizers)
+            embeds, pooled = pipeline.backend.encode_prompts(ids_1, ids_2)
+            _save({"prompt_embeds": embeds, "text_embeds": pooled, "ids_1": ids_1, "ids_2": ids_2},
+                  directory / f"embeds-{index:05d}.safetensors")
+            manifest["encoded"].append(index)
+            _write_manifest(directory, manifest)
+    if free_text_encoders is not None:
+        free_text_encoders()
+
+    # phase 2: the denoising loop, one chunk of prompts at a time
+    data = CalibrationData(directory, manifest)
+    last_step = max(steps)
+    for index in progress(range(len(chunks)), desc="capturing unet inputs", disable=not show_progress):
+        if index in manifest["chunks"]:
+            continue
+        captured: dict[str, torch.Tensor] = {}
+
+        def on_step(step, t, latent_input, conditioning):
+            if step in steps:
+                captured[f"latent.{step}"] = latent_input.detach().float().clone()
+            if step == last_step and not request.need_final:
+                raise _StopDenoise
+
+        cond = data.conditioning(index)
+        n = cond["text_embeds"].shape[0] // 2
+        with torch.inference_mode():
+            try:
+                captured["final"] = pipeline.denoise(latent, {k: v.to(pipeline.backend.dtype) for k, v in cond.items()},
+                                                     n, step_callback=on_step).float()
+            except _StopDenoise:
+                pass
+        _save(captured, directory / f"latents-{index:05d}.safetensors")
+        manifest["chunks"].append(index)
+        _write_manifest(directory, manifest)
+    manifest["complete"] = True
+    _write_manifest(directory, manifest)
+    return CalibrationData(directory, manifest)

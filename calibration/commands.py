@@ -1,0 +1,94 @@
+"""``./run.sh calibrate``: capture, calibrate, write encodings + AIMET export + per-layer SQNR report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .encodings import EncodingsError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="calibrate a quantization recipe and write encodings",
+        description="Run the FP32 pipeline over calibration captions, calibrate RECIPE on the captured activations, "
+                    "and write the encodings JSON, its AIMET 1.0.0 export and a per-layer SQNR report beside it.")
+    parser.add_argument("--profile", default="tiny", help="model profile: tiny, sdxl-random or sdxl (default tiny)")
+    parser.add_argument("--model-path", help="SDXL checkpoint directory (profile sdxl)")
+    parser.add_argument("--recipe", required=True, help="built-in recipe name (w8a8, w8a16, fp8, snpe-w8a8) or a recipe file")
+    parser.add_argument("--calibration-captions", help="calibration captions (MLPerf's train2014 list or TSV); "
+                                                       "tiny defaults to its built-in captions")
+    parser.add_argument("--num-prompts", type=int, help="use the first N captions")
+    parser.add_argument("--timesteps", help="all | single | uniform:K | list:951,901,... (default: the recipe's, else all)")
+    parser.add_argument("--output", required=True, help="encodings JSON file to write")
+    parser.add_argument("--cache-dir", default="build/cache", help="cache root; calibration data under <dir>/calib")
+    parser.add_argument("--sqnr-samples", type=int, default=2, help="UNet calls used for the SQNR report (0: skip it)")
+    parser.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from harness.cli import UserError
+    from harness.models import load_components, model_spec
+
+    from .aimet_export import export_aimet
+    from .capture import CalibrationDataError
+    from .pipeline_calibration import calibrate_components, capture_for, forward_loop_for
+    from .recipes import load_recipe
+    from .sizes import total_size
+
+    output = Path(args.output)
+    if output.suffix != ".json" or output.is_dir():
+        raise UserError(f"--output is the encodings file and must end in .json (got {args.output})")
+    started = time.time()
+    try:
+        recipe = load_recipe(args.recipe)
+        spec = model_spec(args.profile, args.model_path)
+        components = load_components(spec)
+        data = capture_for(components, recipe, args.calibration_captions, args.num_prompts, args.timesteps,
+                           args.cache_dir, free_text_encoders=True)
+        encodings = calibrate_components(components, recipe, apply=False, data=data)
+    except (EncodingsError, CalibrationDataError) as exc:
+        raise UserError(str(exc)) from None
+    reports = []
+    if args.sqnr_samples > 0:
+        from .fake_quant import apply_encodings
+        from .sqnr import sqnr_report
+
+        for name, entries in encodings.components.items():
+            module = getattr(components, name)
+            if module is None:
+                continue
+            reports.append(sqnr_report(module, name, entries, forward_loop_for(name, data, components),
+                                       lambda m=module, e=entries, n=name: apply_encodings(m, e, n),
+                                       samples=args.sqnr_samples, block_level=spec.image_size >= 1024))
+    encodings.calibration["seconds"] = round(time.time() - started, 1)
+    encodings.size["total"] = total_size({k: v for k, v in encodings.size.items() if k != "total"})
+    encodings.save(output)
+    written = export_aimet(encodings, output)
+    if reports:
+        from .sqnr import write_report
+
+        write_report(reports, output.with_suffix(".sqnr.csv"), output.with_suffix(".sqnr.png"))
+    _print_summary(encodings, output, written, reports)
+    return 0
+
+
+def _print_summary(encodings, output: Path, written: dict, reports: list) -> None:
+    total = encodings.size.get("total", {})
+    print(f"encodings: {output} ({encodings.num_quantizers()} quantizers, recipe {encodings.recipe.get('name')}, "
+          f"{total.get('percent_of_fp16', '?')}% of FP16, {total.get('bits_per_parameter', '?')} bits/param)")
+    for component, path in written.items():
+        print(f"AIMET 1.0.0 export ({component}): {path}")
+    for report in reports:
+        rows = report.rows()
+        final = next((r for r in rows if r["layer"] == "<output>"), None)
+        worst = sorted((r for r in rows if r["local_sqnr_db"] != ""), key=lambda r: r["local_sqnr_db"])[:3]
+        if final:
+            print(f"{report.component}: output SQNR {final['accumulated_sqnr_db']} dB; lowest local: " +
+                  ", ".join(f"{r['layer']} {r['local_sqnr_db']} dB" for r in worst))
+    if reports:
+        print(f"SQNR report: {output.with_suffix('.sqnr.csv')} and {output.with_suffix('.sqnr.png')}")
+    sys.stdout.flush()

@@ -1,0 +1,221 @@
+"""Per-layer SQNR of a quantized component vs FP32: local and accumulated (seed 003's analysis).
+
+* **local**: each quantized layer run on its FP32 input with its input and weight quantizers applied
+  (q/dq computed on the fly, so no second model copy) -- how much noise the layer itself adds;
+* **accumulated**: the layer's output in the fully quantized model vs the FP32 model on the same
+  sample -- how much noise has built up by that point (end to end at the last row, ``<output>``).
+
+Accumulated SQNR needs the FP32 outputs of a few samples in memory; for full-size models only the
+top-level blocks are kept (``block_level``), which bounds that memory to a few hundred MB per sample.
+SQNR = ``10 log10(sum x^2 / sum (x - x_hat)^2)`` over all samples (AIMET AMP's metric).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .encodings import Encoding, tensor_key
+from .quantizers import fake_quantize
+
+OUTPUT_ROW = "<output>"
+
+
+class _Enough(Exception):
+    """Stops a forward loop after the requested number of samples."""
+
+
+def limited(loop: Callable[[torch.nn.Module], None], samples: int) -> Callable[[torch.nn.Module], None]:
+    """Wrap ``forward_loop`` so that it stops after ``samples`` calls of the root module."""
+    def run(module: torch.nn.Module) -> None:
+        calls = [0]
+
+        def hook(mod, args, output):
+            calls[0] += 1
+            if calls[0] >= samples:
+                raise _Enough
+
+        handle = module.register_forward_hook(hook)
+        try:
+            loop(module)
+        except _Enough:
+            pass
+        finally:
+            handle.remove()
+    return run
+
+
+@dataclass
+class _Acc:
+    signal: float = 0.0
+    noise: float = 0.0
+
+    def add(self, ref: torch.Tensor, approx: torch.Tensor) -> None:
+        ref = ref.detach().double()
+        self.signal += float(ref.pow(2).sum())
+        self.noise += float((ref - approx.detach().double()).pow(2).sum())
+
+    @property
+    def db(self) -> float:
+        if self.noise == 0:
+            return math.inf
+        return 10 * math.log10(max(self.signal, 1e-300) / self.noise)
+
+
+@dataclass
+class SqnrReport:
+    component: str
+    order: list[str] = field(default_factory=list)
+    local: dict[str, _Acc] = field(default_factory=dict)
+    accumulated: dict[str, _Acc] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        names = self.order + ([OUTPUT_ROW] if OUTPUT_ROW in self.accumulated else [])
+        return [{"component": self.component, "layer": n, "type": self.types.get(n, ""),
+                 "local_sqnr_db": round(self.local[n].db, 3) if n in self.local else "",
+                 "accumulated_sqnr_db": round(self.accumulated[n].db, 3) if n in self.accumulated else ""}
+                for n in names]
+
+
+def _qdq(entries, key: str, x: torch.Tensor) -> torch.Tensor:
+    value = entries.get(key)
+    if value is None:
+        return x
+    enc: Encoding = value[0] if isinstance(value, list) else value
+    return fake_quantize(x, enc.qparams())
+
+
+def _quantized_layer(module: torch.nn.Module, name: str, entries, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output with its own input/weight/output quantizers, from its FP32 input."""
+    xq = _qdq(entries, tensor_key(name, "input"), x)
+    wq = _qdq(entries, tensor_key(name, "weight"), module.weight)
+    if isinstance(module, torch.nn.Linear):
+        out = F.linear(xq, wq, module.bias)
+    else:
+        out = module._conv_forward(xq, wq, module.bias)
+    return _qdq(entries, tensor_key(name, "output"), out)
+
+
+def layer_names(entries) -> list[str]:
+    return sorted({key.split(":")[0] for key in entries})
+
+
+def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, apply: Callable[[], None],
+                samples: int = 2, block_level: bool = False) -> SqnrReport:
+    """Measure local SQNR on the FP32 model, call ``apply()`` (quantize it in place), measure accumulated."""
+    report = SqnrReport(component)
+    modules = dict(module.named_modules())
+    layers = [n for n in layer_names(entries) if isinstance(modules.get(n), (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d))]
+    tracked = [n for n in modules if n and "." not in n] if block_level else layers
+    references: list[dict[str, torch.Tensor]] = []
+    outputs: list[torch.Tensor] = []
+    handles = []
+
+    def see(name: str) -> None:
+        if name not in seen:
+            seen.add(name)
+            report.order.append(name)
+
+    seen: set[str] = set()
+
+    def local_hook(name):
+        def hook(mod, args, output):
+            see(name)
+            if name not in report.local:
+                report.local[name] = _Acc()
+                report.types[name] = type(mod).__name__
+            report.local[name].add(output, _quantized_layer(mod, name, entries, args[0]))
+        return hook
+
+    def record_hook(name):
+        def hook(mod, args, output):
+            if isinstance(output, torch.Tensor):
+                see(name)
+                references[-1][name] = output.detach().clone()
+        return hook
+
+    def root_pre(mod, args):
+        references.append({})
+
+    def root_post(mod, args, output):
+        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        outputs.append(out.detach().clone())
+
+    for name in layers:
+        handles.append(modules[name].register_forward_hook(local_hook(name)))
+    for name in tracked:
+        handles.append(modules[name].register_forward_hook(record_hook(name)))
+    handles += [module.register_forward_pre_hook(root_pre), module.register_forward_hook(root_post)]
+    try:
+        with torch.inference_mode():
+            limited(forward_loop, samples)(module)
+    finally:
+        for h in handles:
+            h.remove()
+    apply()
+    sample = [-1]
+    handles = []
+
+    def compare_hook(name):
+        def hook(mod, args, output):
+            ref = references[sample[0]].get(name)
+            if ref is not None and isinstance(output, torch.Tensor):
+                report.accumulated.setdefault(name, _Acc()).add(ref, output)
+        return hook
+
+    def root_pre_q(mod, args):
+        sample[0] += 1
+
+    def root_post_q(mod, args, output):
+        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        report.accumulated.setdefault(OUTPUT_ROW, _Acc()).add(outputs[sample[0]], out)
+
+    for name in tracked:
+        handles.append(modules[name].register_forward_hook(compare_hook(name)))
+    handles += [module.register_forward_pre_hook(root_pre_q), module.register_forward_hook(root_post_q)]
+    try:
+        with torch.inference_mode():
+            limited(forward_loop, samples)(module)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in report.order:
+        report.types.setdefault(name, type(modules[name]).__name__)
+    return report
+
+
+def write_report(reports: list[SqnrReport], csv_path: Path, plot_path: Path | None = None) -> None:
+    """CSV of every row, and a plot of local/accumulated SQNR along execution order per component."""
+    rows = [row for r in reports for row in r.rows()]
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["component", "layer", "type", "local_sqnr_db", "accumulated_sqnr_db"])
+        writer.writeheader()
+        writer.writerows(rows)
+    if plot_path is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(reports), 1, figsize=(12, 3.5 * len(reports)), squeeze=False)
+    for ax, report in zip(axes[:, 0], reports):
+        data = report.rows()
+        for column, style in (("local_sqnr_db", "o-"), ("accumulated_sqnr_db", "s-")):
+            xs = [i for i, r in enumerate(data) if r[column] not in ("", math.inf)]
+            ax.plot(xs, [data[i][column] for i in xs], style, markersize=2, linewidth=0.8, label=column.replace("_db", " (dB)"))
+        ax.set_title(f"{report.component}: SQNR vs FP32 along execution order")
+        ax.set_xlabel("layer (execution order)")
+        ax.set_ylabel("dB")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=110)
+    plt.close(fig)
