@@ -54,14 +54,15 @@ def capture_for(components, recipe: Recipe, calibration_captions: str | Path | N
     request = CaptureRequest(captions, source, timesteps or recipe.calibration.get("timesteps", "all"),
                              chunk_prompts=1 if spec.image_size >= 1024 else 4, need_final="vae" in recipe.components)
     backend = ComponentsBackend(components)
-    pipeline = SDXLPipeline(backend, spec, load_tokenizers(spec))
+    tokenizers = load_tokenizers(spec)
+    pipeline = SDXLPipeline(backend, spec, tokenizers)
 
     def free() -> None:
         if free_text_encoders and not {"text_encoder", "text_encoder_2"} & set(recipe.components):
             backend.text_encoder = backend.text_encoder_2 = None
             components.text_encoder = components.text_encoder_2 = None
 
-    return capture(pipeline, spec, load_tokenizers(spec), request, cache_dir, free, show_progress)
+    return capture(pipeline, spec, tokenizers, request, cache_dir, free, show_progress)
 
 
 def forward_loop_for(name: str, data: CalibrationData, components, show_progress: bool = False):
