@@ -17,7 +17,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 
 def _as_batch(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).double() / 255.0
+    return torch.from_numpy(np.array(image, dtype=np.float64)).permute(2, 0, 1).unsqueeze(0) / 255.0
 
 
 def psnr_ssim(quantized: np.ndarray, reference: np.ndarray) -> tuple[float, float]:

@@ -208,7 +208,7 @@ def format_accuracy_report(result: dict[str, Any]) -> str:
 def evaluate_run(run_dir: str | Path, *, statistics_path: str | None = None, reference_run: str | Path | None = None,
                  random_weights: bool = False, inception_weights: str | None = None, clip_weights: str | None = None,
                  dataset_path: str | None = None, device: str = "cpu", batch_size: int = 8,
-                 stream: TextIO | None = sys.stdout) -> dict[str, Any]:
+                 stream: TextIO | None = None, quiet: bool = False) -> dict[str, Any]:
     """Audit the accuracy log of a finished run directory; the one call the spine makes after ``run --accuracy``.
 
     Reads ``<run_dir>/accuracy/mlperf_log_accuracy.json`` (and ``<run_dir>/run.json``), writes
@@ -221,8 +221,9 @@ def evaluate_run(run_dir: str | Path, *, statistics_path: str | None = None, ref
     Returns a flat dict for a table row: ``fid``, ``clip_score``, ``n_images``, ``verdict``,
     ``verdict_reason``, ``comparable``, ``accuracy_json``, and with a reference ``psnr_mean_db``,
     ``psnr_min_db``, ``ssim_mean``, ``compare_json``; ``error`` (one line) when the audit failed.
-    ``stream`` receives the printed report (None: silent).
+    The printed report goes to ``stream`` (default: ``sys.stdout`` at call time); ``quiet=True`` prints nothing.
     """
+    stream = None if quiet else (stream or sys.stdout)
     run_dir = Path(run_dir)
     log_path = run_dir / "accuracy" / LOG_NAME
     options = AuditOptions(statistics_path=statistics_path, random_weights=random_weights,

@@ -155,7 +155,7 @@ def test_evaluate_run_without_weights_completes_with_na_and_fidelity(runs, no_we
 def test_evaluate_run_reports_a_corrupt_log_instead_of_raising(runs, no_weights):
     log = runs["q"] / "accuracy" / "mlperf_log_accuracy.json"
     log.write_bytes(log.read_bytes()[:-100])
-    row = evaluate_run(runs["q"], stream=None)
+    row = evaluate_run(runs["q"], quiet=True)
     assert "truncated or corrupt JSON" in row["error"]
 
 
