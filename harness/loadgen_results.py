@@ -44,6 +44,8 @@ def summarize(test_dir: Path, scenario: str, mode: str) -> dict[str, Any]:
     if scenario == "Server":
         summary["qps"] = detail.get("result_completed_samples_per_sec")
         summary["target_qps"] = detail.get("effective_target_qps")
+    if detail.get("result_mean_latency_ns") is not None:
+        summary["mean_latency_s"] = detail["result_mean_latency_ns"] * _NS
     for pct in ("50.00", "90.00", "99.00"):
         value = detail.get(f"result_{pct}_percentile_latency_ns")
         if value is not None:

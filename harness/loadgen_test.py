@@ -25,7 +25,8 @@ def build_pipeline(config: RunConfig):
 
     spec = model_spec(config.profile, config.model_path)
     options = BackendOptions(dtype=config.dtype, device=config.device, encodings=config.encodings,
-                             recipe=config.recipe, show_progress=progress_enabled(), extra=dict(config.backend_extra))
+                             recipe=config.recipe, show_progress=progress_enabled(),
+                             extra={"cache_dir": config.cache_dir, **config.backend_extra})
     backend = create_backend(config.backend, spec, options)
     tokenizers = load_tokenizers(spec)
     return SDXLPipeline(backend, spec, tokenizers), tokenizers
@@ -41,6 +42,12 @@ def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, 
     from .qsl import CaptionQSL
     from .sut import BatchingSUT
 
+    if config.threads > 1:
+        # Workers share the cores: oversubscribed OpenMP pools spin against each other (measured
+        # here: 10x slower), so each worker's intra-op pool gets its share.
+        import torch
+
+        torch.set_num_threads(max(1, torch.get_num_threads() // config.threads))
     started = time.time()
     pipeline, tokenizers = build_pipeline(config)
     build_s = time.time() - started

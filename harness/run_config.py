@@ -33,6 +33,8 @@ class RunConfig:
     save_images: bool = False
     warmup: bool = True
     cache_dir: str = "build/cache"
+    statistics_path: str | None = None  # FID reference statistics (val2014.npz) for the accuracy audit
+    reference_run: str | None = None  # run directory / log to measure fidelity against (compare)
     backend_extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -99,12 +99,8 @@ class BatchingSUT:
         from .tokenizers import tokenize
 
         for n in batch_sizes or sorted({1, self.max_batch}):
-            ids = [tokenize(tok, [prompt] * n) for tok in self.pipeline_tokenizers]
+            ids = [tokenize(tok, [prompt] * n) for tok in self.qsl.tokenizers]
             self.pipeline.generate(ids[0], ids[1], self.latent)
-
-    @property
-    def pipeline_tokenizers(self) -> tuple:
-        return self.qsl.tokenizers
 
     # -- workers -----------------------------------------------------------------------------
     def _next_batch(self) -> list[tuple[int, int]] | None:

@@ -1,0 +1,128 @@
+"""Harness benchmark: the SUT's own per-query overhead, and tiny fp32 vs bf16 throughput.
+
+    .venv/bin/python bench/harness.py [--images N] [--force-bf16]
+
+1. ``null`` backend at 1024x1024 through real LoadGen runs in each scenario: per-query overhead
+   (Offline: wall time per sample; SingleStream/Server: mean latency) including the uint8 conversion
+   of a 3 MB image -- the goal is <= 1 ms. The conversion alone is timed separately.
+2. tiny profile, torch backend, fp32 vs bf16 images/s, measured alternately in one process so the
+   ratio is fair on a shared machine. On CPUs without native bf16 (AVX2-only) bf16 is emulated,
+   ~100x slower: it is skipped there unless ``--force-bf16``.
+
+Prints a table and writes JSON under ``results/bench/`` with the CPU model and ISA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from harness.results import format_table, write_json_atomic  # noqa: E402
+from harness.system_info import isa_summary, native_bf16, system_description  # noqa: E402
+
+OUT_DIR = REPO / "results" / "bench"
+
+
+def null_overhead(stamp: str) -> list[dict]:
+    from harness.run_command import execute_run
+    from harness.run_config import RunConfig
+
+    rows = []
+    for scenario, batch in (("Offline", 1), ("Offline", 8), ("Server", 1), ("SingleStream", 1)):
+        config = RunConfig(profile="sdxl-random", backend="null", scenario=scenario, max_batchsize=batch,
+                           user_conf=str(REPO / "bench" / "null_overhead_user.conf"),
+                           output=str(OUT_DIR / f"{stamp}-null-{scenario}-b{batch}"))
+        record = execute_run(config)
+        (test,) = record.tests
+        per_query = 1.0 / test["qps"] if scenario == "Offline" else test["mean_latency_s"]
+        rows.append({"scenario": scenario, "max_batch": batch, "queries": test["samples"],
+                     "validity": test["validity"], "per_query_ms": per_query * 1e3,
+                     "p99_ms": test.get("p99_latency_s", 0) * 1e3})
+    return rows
+
+
+def conversion_ms(repeats: int = 50) -> float:
+    from harness.pipeline import images_to_uint8
+
+    image = torch.rand(1, 3, 1024, 1024)
+    images_to_uint8(image)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        images_to_uint8(image)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def tiny_throughput(images: int, dtypes: list[str]) -> dict[str, float]:
+    """Images/s per dtype, generating one image per dtype in turn (interleaved, batch 1)."""
+    from backends.base import BackendOptions, create_backend
+    from harness.latents import draw_latent
+    from harness.models import load_tokenizers, model_spec
+    from harness.pipeline import SDXLPipeline
+    from harness.tokenizers import tokenize
+
+    spec = model_spec("tiny")
+    tokenizers = load_tokenizers(spec)
+    pipelines = {d: SDXLPipeline(create_backend("torch", spec, BackendOptions(dtype=d, show_progress=False)), spec,
+                                 tokenizers) for d in dtypes}
+    ids = [tokenize(t, ["A red bicycle leaning against a brick wall."]) for t in tokenizers]
+    latent = draw_latent(spec.latent_size)
+    elapsed = {d: 0.0 for d in dtypes}
+    for d in dtypes:  # warm-up
+        pipelines[d].generate(*ids, latent)
+    for _ in range(images):
+        for d in dtypes:
+            start = time.perf_counter()
+            pipelines[d].generate(*ids, latent)
+            elapsed[d] += time.perf_counter() - start
+    return {d: images / elapsed[d] for d in dtypes}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=5, help="tiny images per dtype (default 5)")
+    parser.add_argument("--force-bf16", action="store_true", help="measure bf16 even where it is emulated")
+    args = parser.parse_args()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+
+    overhead = null_overhead(stamp)
+    convert = conversion_ms()
+    dtypes = ["fp32"]
+    bf16_note = ""
+    if native_bf16() or args.force_bf16:
+        dtypes.append("bf16")
+    else:
+        bf16_note = "bf16 skipped: this CPU has no native bf16 (torch emulates it, ~100x slower); --force-bf16 to measure"
+    throughput = tiny_throughput(args.images, dtypes)
+
+    print(f"CPU: {system_description()['cpu_model']} ({isa_summary()}), torch threads {torch.get_num_threads()}\n")
+    print("null backend at 1024x1024 (the harness's own per-query overhead; goal <= 1 ms)")
+    print(format_table(["scenario", "max batch", "queries", "result", "per query (ms)", "p99 (ms)"],
+                       [[r["scenario"], str(r["max_batch"]), str(r["queries"]), r["validity"],
+                         f"{r['per_query_ms']:.3f}", f"{r['p99_ms']:.2f}"] for r in overhead]))
+    print(f"of which float->uint8 conversion of one 1024x1024 image: {convert:.3f} ms (median)\n")
+    print("tiny profile, torch backend, batch 1, interleaved")
+    rows = [[d, f"{throughput[d]:.3f}", f"{throughput[d] / throughput['fp32']:.2f}x"] for d in dtypes]
+    print(format_table(["dtype", "images/s", "vs fp32"], rows))
+    if bf16_note:
+        print(bf16_note)
+    path = OUT_DIR / f"harness-{stamp}.json"
+    write_json_atomic(path, {"benchmark": "harness", "system": system_description(), "null_overhead": overhead,
+                             "uint8_conversion_ms": convert, "tiny_images_per_s": throughput, "note": bf16_note})
+    print(f"\nwritten {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Real LoadGen runs through the CLI: null backend VALID in every scenario, tiny end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+NULL_CONF = Path(__file__).parent / "data" / "null_valid_user.conf"
+
+
+def _run(tmp_path, *flags) -> dict:
+    out = tmp_path / "run"
+    assert main(["run", "--output", str(out), *flags]) == 0
+    return json.loads((out / "run.json").read_text())
+
+
+@pytest.mark.parametrize("scenario, extra", [
+    ("Offline", ["--max-batchsize", "8"]),
+    ("Server", ["--max-batchsize", "4", "--threads", "2"]),
+    ("SingleStream", []),
+])
+def test_null_backend_is_valid(tmp_path, scenario, extra):
+    record = _run(tmp_path, "--backend", "null", "--profile", "sdxl-random", "--scenario", scenario,
+                  "--user-conf", str(NULL_CONF), *extra)
+    (test,) = record["tests"]
+    assert record["status"] == "completed" and test["validity"] == "VALID", test
+    assert test["loadgen_errors"] == [] and test["sut"]["failed_samples"] == 0
+    assert record["image_size"] == 1024 and record["random_weights"] is True and record["compliant"] is False
+    minimum = {"Offline": 64, "Server": 500, "SingleStream": 100}[scenario]
+    assert test["samples"] >= minimum and test["sut"]["samples"] >= minimum
+    if scenario == "Offline":
+        assert max(int(k) for k in test["sut"]["batch_sizes"]) == 8  # the one query is cut into full batches
+    if scenario == "SingleStream":
+        assert test["sut"]["batch_sizes"].keys() == {"1"} and test["early_stopping_latency_s"] > 0
+    else:
+        assert test["qps"] > 0
+
+
+def test_tiny_offline_performance_and_accuracy(tmp_path, capsys):
+    record = _run(tmp_path, "--mode", "both", "--max-samples", "4", "--count", "4", "--max-batchsize", "2",
+                  "--save-images")
+    perf, acc = record["tests"]
+    assert perf["mode"] == "performance" and perf["qps"] > 0 and perf["samples"] >= 4
+    assert acc["mode"] == "accuracy" and acc["samples"] == 4
+    log = Path(acc["dir"]) / "mlperf_log_accuracy.json"
+    entries = json.loads(log.read_text())
+    assert sorted(e["qsl_idx"] for e in entries) == [0, 1, 2, 3]
+    assert all(len(e["data"]) == 256 * 256 * 3 * 2 for e in entries)  # raw HWC uint8 bytes, hex
+    assert record["latent"]["source"].startswith("file:") and (tmp_path / "run" / "latents.pt").is_file()
+    assert record["dataset"]["rows"] == 4 and record["max_samples"] == 4
+    assert "RANDOM WEIGHTS" in " ".join(record["non_compliance_reasons"])
+    assert (Path(acc["dir"]) / "images" / "grid.png").is_file()
+    table = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in table and "NOT COMPLIANT" in table and "samples/s" in table
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset-path", "/nonexistent.tsv"], "captions file /nonexistent.tsv not found"),
+    (["--profile", "sdxl"], "--profile sdxl needs --model-path"),
+    (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--user-conf", "/nonexistent.conf"], "--user-conf /nonexistent.conf not found"),
+    (["--latents", "/nonexistent.pt"], "latent file /nonexistent.pt not found"),
+    (["--max-batchsize", "0"], "--max-batchsize must be >= 1"),
+])
+def test_bad_input_is_one_line_error(tmp_path, capsys, flags, message):
+    assert main(["run", "--output", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / "run.json").exists()
