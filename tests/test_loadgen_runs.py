@@ -22,12 +22,12 @@ def _run(tmp_path, *flags) -> dict:
     ("SingleStream", []),
 ])
 def test_null_backend_is_valid(tmp_path, scenario, extra):
-    record = _run(tmp_path, "--backend", "null", "--profile", "sdxl-random", "--scenario", scenario,
+    record = _run(tmp_path, "--backend", "null", "--scenario", scenario,
                   "--user-conf", str(NULL_CONF), *extra)
     (test,) = record["tests"]
     assert record["status"] == "completed" and test["validity"] == "VALID", test
     assert test["loadgen_errors"] == [] and test["sut"]["failed_samples"] == 0
-    assert record["image_size"] == 1024 and record["random_weights"] is True and record["compliant"] is False
+    assert record["image_size"] == 256 and record["random_weights"] is True and record["compliant"] is False
     minimum = {"Offline": 64, "Server": 500, "SingleStream": 100}[scenario]
     assert test["samples"] >= minimum and test["sut"]["samples"] >= minimum
     if scenario == "Offline":
