@@ -55,12 +55,15 @@ def test_two_runs_are_bit_identical(tiny_pipeline, tiny_tokenizers, latent, sing
 def test_sample_bytes_do_not_depend_on_batch(tiny_pipeline, tiny_tokenizers, latent, single_images):
     """TEST01 compares logged bytes of the same sample across runs with different batching.
 
-    Measured here (torch CPU, oneDNN): the batch-of-4 images equal the batch-of-1 images exactly.
-    If a kernel ever makes that impossible, this test must state the measured difference instead.
+    Measured here (torch 2.14.1 CPU, AMX Xeon): batch 4 vs batch 1 differs in 57 of 196,608 bytes
+    of one image, by 1 LSB (batch-size-dependent GEMM kernels). So bytes are not batch-independent;
+    the bound is at most 1 LSB on at most 0.1% of the bytes. TEST01 must then fall back to MLPerf's
+    accuracy-baseline comparison.
     """
     batched = tiny_pipeline.generate(*_ids(tiny_tokenizers, PROMPTS), latent)
     for alone, in_batch in zip(single_images, batched):
-        np.testing.assert_array_equal(in_batch, alone)
+        diff = np.abs(in_batch.astype(np.int16) - alone.astype(np.int16))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
 
 def test_uint8_conversion_matches_reference_rounding():
