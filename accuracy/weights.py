@@ -44,12 +44,7 @@ class WeightFile:
                 "sha256": self.sha256, "official": self.official}
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from harness.dataset import file_sha256  # noqa: E402 -- one hashing helper for the project
 
 
 def torch_hub_checkpoints_dir() -> Path:
