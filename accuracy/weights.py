@@ -15,7 +15,6 @@ A missing file is a :class:`WeightsUnavailable` whose one-line message names the
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
