@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .models import COMPONENT_NAMES, HOW_TO_GET_SDXL, ModelComponents, ModelLoadError, ModelSpec
+from .tokenizers import save_tokenizer
 
 _WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                  "text_encoder": "model", "text_encoder_2": "model"}
@@ -113,7 +114,7 @@ def save_checkpoint(components: ModelComponents, tokenizers: tuple, scheduler_co
     for name, module in components.modules().items():
         module.save_pretrained(pipe_dir / name, safe_serialization=True)
     for name, tokenizer in zip(("tokenizer", "tokenizer_2"), tokenizers):
-        tokenizer.save_pretrained(pipe_dir / name)
+        save_tokenizer(tokenizer, pipe_dir / name)
     scheduler_dirs = [pipe_dir / "scheduler"] + ([directory / "checkpoint_scheduler" / "scheduler"] if layout == "mlperf" else [])
     for scheduler_dir in scheduler_dirs:
         scheduler_dir.mkdir(parents=True, exist_ok=True)

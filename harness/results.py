@@ -14,7 +14,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 RUN_JSON_VERSION = 1
 
@@ -134,8 +134,13 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def print_results_table(records: list[RunRecord], stream=sys.stdout) -> None:
-    """The table a person reads after a run: one row per LoadGen test, then the caveats that apply."""
+def print_results_table(records: list[RunRecord], stream: TextIO | None = None) -> None:
+    """The table a person reads after a run: one row per LoadGen test, then the caveats that apply.
+
+    ``stream`` defaults to ``sys.stdout`` as it is *at call time*: a default bound at import would keep
+    writing to a stream that a test runner (or a redirect) has since closed.
+    """
+    stream = stream or sys.stdout
     header = ["scenario", "mode", "samples", "performance", "result", "logs"]
     rows = [row for record in records for row in result_rows(record)]
     print(format_table(header, rows), file=stream)

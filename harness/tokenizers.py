@@ -92,6 +92,23 @@ def build_sdxl_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
             CLIPTokenizer.from_pretrained(directory, pad_token=PAD_TOKEN_2, **common))
 
 
+def save_tokenizer(tokenizer: CLIPTokenizer, directory: Path) -> None:
+    """``save_pretrained`` plus ``vocab.json`` and ``merges.txt``, the files real SDXL checkpoints ship.
+
+    transformers 5 writes only ``tokenizer.json``; checkpoints we write must look like the ones users
+    download (and load under transformers 4), so the BPE files are written from the tokenizer's own model.
+    """
+    tokenizer.save_pretrained(directory)
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"] if hasattr(tokenizer, "backend_tokenizer") else None
+    if model is None or model.get("type") != "BPE":
+        raise ValueError(f"cannot write vocab.json/merges.txt for {type(tokenizer).__name__}: not a BPE tokenizer")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (directory / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]):
     """Token ids as the MLPerf reference makes them: pad to 77, truncate, ``(N, 77)`` int64 tensor."""
     return tokenizer(
