@@ -39,7 +39,7 @@ ensure_venv() {
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install -q $TORCH_PINS
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,qnn]"
   echo "$want" > "$stamp"
 }
 

@@ -91,7 +91,7 @@ BackendFactory = Callable[[ModelSpec, BackendOptions], Backend]
 _REGISTRY: dict[str, BackendFactory] = {}
 _ALIASES: dict[str, str] = {}
 #: modules imported on first lookup, so that optional backends' dependencies load only when used
-_BACKEND_MODULES = ("backends.null_backend", "backends.torch_backend")
+_BACKEND_MODULES = ("backends.null_backend", "backends.torch_backend", "backends.ort_backend")
 
 
 def register_backend(name: str, factory: BackendFactory, aliases: tuple[str, ...] = ()) -> None:

@@ -18,6 +18,8 @@ from .base import Backend, BackendOptions, register_backend
 
 class TorchBackend(Backend):
     name = "torch"
+    #: components a subclass runs (and quantizes) in another runtime from the same encodings
+    runs_elsewhere: tuple[str, ...] = ()
 
     def __init__(self, spec, options: BackendOptions):
         super().__init__(spec, options)
@@ -38,13 +40,21 @@ class TorchBackend(Backend):
         if options.encodings or options.recipe:
             from calibration.fake_quant import apply_encodings_to_components
 
-            self.quantization = apply_encodings_to_components(components, options)
+            self.quantization = apply_encodings_to_components(components, options, skip=self.runs_elsewhere)
+        else:
+            self.quantization = None
 
     def _use_channels_last(self) -> bool:
         """Channels-last helps cuDNN/oneDNN convolutions on GPUs; on CPUs it measured no gain for fp32."""
         if self.options.channels_last is not None:
             return self.options.channels_last
         return self.device.type == "cuda"
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.quantization is not None:
+            out["quantization"] = self.quantization.describe()
+        return out
 
     @property
     def vae_scaling_factor(self) -> float:

@@ -163,13 +163,21 @@ class AppliedQuantization:
                 "size": {**self.encodings.size, "total": total_size(self.encodings.size)} if self.encodings.size else {}}
 
 
-def apply_to_components(components, encodings: Encodings, source: str) -> AppliedQuantization:
-    """Apply each component section of ``encodings`` to the matching module of ``components``."""
+def apply_to_components(components, encodings: Encodings, source: str,
+                        skip: tuple[str, ...] = ()) -> AppliedQuantization:
+    """Apply each component section of ``encodings`` to the matching module of ``components``.
+
+    ``skip`` names components another runtime quantizes from the same encodings (the ONNX Runtime
+    backend's UNet): they are checked here but left unhooked.
+    """
     applied = AppliedQuantization(encodings, source)
     for name, entries in encodings.components.items():
         module = getattr(components, name, None)
         if module is None:
             raise EncodingsError(f"{source}: component {name!r} is not part of this model")
+        if name in skip:
+            validate_encodings(module, entries, f"{source}: {name}")
+            continue
         applied.handles[name] = apply_encodings(module, entries, name, f"{source}: {name}")
     return applied
 
@@ -206,11 +214,12 @@ def load_weights_delta(components, encodings: Encodings, encodings_path: Path) -
             params[param_name].copy_(tensor)
 
 
-def apply_encodings_to_components(components, options) -> AppliedQuantization:
-    """The torch backend's hook: ``--encodings FILE`` applies it; ``--recipe`` alone calibrates first.
+def resolve_encodings(components, options) -> tuple[Encodings, str]:
+    """``--encodings FILE`` (checked against the model, its weights delta loaded) or ``--recipe`` calibrated now.
 
     ``options`` is ``backends.base.BackendOptions``; ``options.extra`` may hold ``calibration_captions``,
-    ``num_prompts``, ``timesteps``, ``cache_dir`` and ``allow_fingerprint_mismatch``.
+    ``num_prompts``, ``timesteps``, ``cache_dir`` and ``allow_fingerprint_mismatch``. Returns the
+    encodings and where they came from (a path, or ``recipe:<name>``).
     """
     extra = dict(getattr(options, "extra", None) or {})
     if options.encodings:
@@ -218,10 +227,16 @@ def apply_encodings_to_components(components, options) -> AppliedQuantization:
         encodings = Encodings.load(path)
         _check_fingerprint(encodings, components.spec, str(path), bool(extra.get("allow_fingerprint_mismatch")))
         load_weights_delta(components, encodings, path)
-        return apply_to_components(components, encodings, str(path))
+        return encodings, str(path)
     from .pipeline_calibration import calibrate_components
 
     encodings = calibrate_components(components, options.recipe, apply=False, show_progress=options.show_progress,
                                      **{k: extra[k] for k in ("calibration_captions", "num_prompts", "timesteps",
                                                               "cache_dir") if k in extra})
-    return apply_to_components(components, encodings, f"recipe:{options.recipe}")
+    return encodings, f"recipe:{options.recipe}"
+
+
+def apply_encodings_to_components(components, options, skip: tuple[str, ...] = ()) -> AppliedQuantization:
+    """The torch backend's hook: resolve the encodings (file or recipe) and fake-quantize the components."""
+    encodings, source = resolve_encodings(components, options)
+    return apply_to_components(components, encodings, source, skip)

@@ -29,8 +29,8 @@ ForwardLoop = Callable[[torch.nn.Module], None]
 
 
 def _encoding(observer: Observer, spec: QuantizerSpec, axis: int | None) -> Encoding:
-    lo, hi = observer.compute_range(spec.fmt, spec.symmetric)
-    qp = qparams_from_range(lo, hi, spec.fmt, spec.symmetric, axis=axis if lo.numel() > 1 else None)
+    lo, hi = observer.compute_range(spec.grid, spec.symmetric)
+    qp = qparams_from_range(lo, hi, spec.grid, spec.symmetric, axis=axis if lo.numel() > 1 else None)
     # the calibrated (pre-nudging) range is kept so later methods can re-derive other bit widths
     provenance = {**observer.describe(), "range_min": [float(v) for v in lo], "range_max": [float(v) for v in hi]}
     return Encoding.from_qparams(qp, observer=provenance)

@@ -6,14 +6,16 @@ Fields (all checked on load, errors name the file and key):
 
 ``name``, ``description``; ``components`` (default set calibrated from the pipeline); ``types``
 (module classes, default ``[Conv2d, Linear]``); ``weights`` / ``inputs`` / ``outputs``: a quantizer
-``{dtype, symmetric, axis, observer}`` or ``null`` (off); ``exclude``: module-name patterns kept in
+``{dtype, symmetric, axis, observer, reduce_range}`` or ``null`` (off); ``exclude``: module-name patterns kept in
 high precision; ``overrides``: ``[{match: [patterns], weights|inputs|outputs: {...} | null}]`` applied
 in order; ``calibration``: defaults for the capture (``timesteps``, ``num_prompts``).
 
 Patterns: a glob (``*attn*.to_q``) is matched against the whole dotted name; a plain name
 (``conv_shortcut``, ``time_embedding``) matches any run of whole dotted segments, like modelopt's
 ``filter_func_default`` does for SDXL. Input ``axis: channel`` means the layer's input-channel axis
-(1 for Conv2d, -1 for Linear).
+(1 for Conv2d, -1 for Linear). ``reduce_range: true`` (8-bit integers only) computes scales for a 7-bit
+grid inside the 8-bit type, as ONNX Runtime's ``reduce_range``: x86 CPUs without VNNI multiply u8 x s8
+with ``VPMADDUBSW``, whose int16 sums of two products saturate unless weights stay within [-64, 64].
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .observers import make_observer
 RECIPE_DIR = Path(__file__).parent / "recipes"
 TOP_LEVEL_KEYS = {"name", "description", "components", "types", "weights", "inputs", "outputs", "exclude",
                   "overrides", "calibration"}
-QUANTIZER_KEYS = {"dtype", "symmetric", "axis", "observer"}
+QUANTIZER_KEYS = {"dtype", "symmetric", "axis", "observer", "reduce_range"}
 SLOTS = ("weights", "inputs", "outputs")
 MODULE_TYPES = {"Conv2d": torch.nn.Conv2d, "Linear": torch.nn.Linear, "Conv1d": torch.nn.Conv1d}
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
@@ -51,10 +53,21 @@ class QuantizerSpec:
     symmetric: bool
     axis: int | str | None
     observer: dict[str, Any]
+    reduce_range: bool = False
 
     @property
     def fmt(self):
         return get_format(self.dtype)
+
+    @property
+    def grid(self):
+        """The grid scales are computed for: the format's, or its 7-bit subrange with ``reduce_range``."""
+        fmt = self.fmt
+        if not self.reduce_range:
+            return fmt
+        if fmt.signed:
+            return replace(fmt, qmin=-64, qmax=64 if self.symmetric else 63)
+        return replace(fmt, qmin=0, qmax=127)
 
     def resolved_axis(self, module: torch.nn.Module, slot: str) -> int | None:
         """``axis: channel`` -> the layer's channel axis for activations; ints pass through."""
@@ -151,7 +164,10 @@ def _quantizer(value: Any, where: str) -> QuantizerSpec | None:
     symmetric = bool(value.get("symmetric", fmt.is_float or fmt.signed))
     if fmt.is_float and not symmetric:
         raise RecipeError(f"{where}: {fmt.name} quantizers are symmetric (no zero point)")
-    return QuantizerSpec(fmt.name, symmetric, axis, observer)
+    reduce_range = bool(value.get("reduce_range", False))
+    if reduce_range and (fmt.is_float or fmt.bits != 8):
+        raise RecipeError(f"{where}.reduce_range: only 8-bit integer quantizers have a 7-bit reduced range")
+    return QuantizerSpec(fmt.name, symmetric, axis, observer, reduce_range)
 
 
 def parse_recipe(data: Any, source: str) -> Recipe:

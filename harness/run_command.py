@@ -48,6 +48,9 @@ def register(subparsers) -> None:
     parser.add_argument("--backend", default="torch", help="null, torch (alias pytorch), ... (default torch)")
     parser.add_argument("--encodings", help="quantization encodings JSON (fake-quant / quantized backends)")
     parser.add_argument("--recipe", help="quantization recipe name or file (calibrates first, with the cache)")
+    parser.add_argument("--ep", choices=("cpu", "qnn"),
+                        help="ONNX Runtime execution provider for --backend ort (default cpu; qnn: the Hexagon HTP, "
+                             "emulated on x86, needs the [qnn] extra)")
     parser.add_argument("--scenario", default="Offline", choices=SCENARIOS)
     parser.add_argument("--accuracy", action="store_true", help="accuracy mode only (as the reference's flag)")
     parser.add_argument("--mode", choices=("performance", "accuracy", "both"),
@@ -82,6 +85,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if args.mode not in (None, "accuracy"):
             raise UserError("--accuracy conflicts with --mode " + args.mode)
         modes = ("accuracy",)
+    if args.ep and args.backend not in ("ort", "onnxruntime"):
+        raise UserError(f"--ep {args.ep} applies to --backend ort only")
     for name in ("max_batchsize", "threads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
@@ -93,7 +98,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      user_conf=args.user_conf, audit_conf=args.audit_conf, count=args.count, time_s=args.time_s,
                      qps=args.qps, max_batchsize=args.max_batchsize, threads=args.threads, output=output,
                      save_images=args.save_images, warmup=args.warmup, cache_dir=args.cache_dir,
-                     statistics_path=args.statistics_path, reference_run=args.reference_run)
+                     statistics_path=args.statistics_path, reference_run=args.reference_run,
+                     backend_extra={"ep": args.ep} if args.ep else {})
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -1,0 +1,206 @@
+"""Export a component to ONNX with *named marks* where the encodings put quantizers.
+
+Mapping our quantizer keys (``down_blocks.1.attentions.0...to_q:input[0]``) to ONNX tensor names by
+guessing from the exporter's node names breaks on every exporter change (Linear becomes ``Gemm`` or
+``MatMul`` + ``Transpose`` + ``Add``, initializers get renamed by constant folding). Instead the export
+runs with the quantized points *marked*: a forward hook wraps each marked activation, and a patched
+``forward`` wraps each marked weight, in an identity op ``sdxlptq::Mark(key=...)``. After export, every
+``Mark`` node names its key and its tensor exactly; :mod:`backends.qdq` turns it into Q/DQ (or
+removes it). The FP32 export is the same call with no marks.
+
+The TorchScript exporter is used (opset 20, the last it supports; :func:`upgrade_opset` lifts the
+model to 21 for uint16/int16 Q/DQ): its graphs are plain and its custom-op hook is one ``symbolic``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+MARK_DOMAIN = "sdxlptq"
+MARK_OP = "Mark"
+EXPORT_OPSET = 20
+TARGET_OPSET = 21
+#: ops whose semantics changed between opset 20 and 21 beyond accepting new types
+_OPSET_21_BREAKING = {"GroupNormalization"}
+#: protobuf's 2 GB limit: above it weights go to an external data file
+EXTERNAL_DATA_BYTES = 1 << 31
+
+
+class _Mark(torch.autograd.Function):
+    """Identity in PyTorch; ``sdxlptq::Mark(key)`` in the exported graph."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, key: str) -> torch.Tensor:  # noqa: D401 - autograd signature
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, key: str):
+        out = g.op(f"{MARK_DOMAIN}::{MARK_OP}", x, key_s=key)
+        out.setType(x.type())
+        return out
+
+
+def mark(x: torch.Tensor, key: str) -> torch.Tensor:
+    return _Mark.apply(x, key)
+
+
+def _weight_forward(module: torch.nn.Module, key: str):
+    """A ``forward`` for Conv/Linear that marks the weight where the op consumes it."""
+    if isinstance(module, torch.nn.Linear):
+        return lambda x: F.linear(x, mark(module.weight, key), module.bias)
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
+        return lambda x: module._conv_forward(x, mark(module.weight, key), module.bias)
+    raise ValueError(f"weight marks support Conv1d/Conv2d/Linear, not {type(module).__name__} ({key})")
+
+
+@contextlib.contextmanager
+def marked(module: torch.nn.Module, keys: Iterable[str]) -> Iterator[None]:
+    """Within the block, ``module``'s forward emits a ``Mark`` at each key's tensor."""
+    from calibration.encodings import parse_key
+
+    modules = dict(module.named_modules())
+    handles, patched = [], []
+    try:
+        for key in sorted(keys):
+            name, kind, index = parse_key(key)
+            target = modules.get(name)
+            if target is None:
+                raise ValueError(f"cannot mark {key}: no module {name!r}")
+            if kind == "weight":
+                target.forward = _weight_forward(target, key)
+                patched.append(target)
+            elif kind == "input":
+                handles.append(target.register_forward_pre_hook(_input_marker(key, index)))
+            else:
+                handles.append(target.register_forward_hook(_output_marker(key)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for target in patched:
+            del target.forward  # back to the class's forward
+
+
+def _input_marker(key: str, index: int):
+    def hook(module, args):
+        if len(args) > index and isinstance(args[index], torch.Tensor):
+            return args[:index] + (mark(args[index], key),) + args[index + 1:]
+        raise ValueError(f"cannot mark {key}: input {index} of {type(module).__name__} is not a positional tensor")
+    return hook
+
+
+def _output_marker(key: str):
+    def hook(module, args, output):
+        if not isinstance(output, torch.Tensor):
+            raise ValueError(f"cannot mark {key}: the output of {type(module).__name__} is not a tensor")
+        return mark(output, key)
+    return hook
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    """Names, example inputs and dynamic axes of one exported component."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    example_inputs: tuple[torch.Tensor, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+class UNetForExport(torch.nn.Module):
+    """The UNet with SDXL's ``added_cond_kwargs`` as plain inputs (ONNX graphs take tensors only)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+
+
+def unet_signature(unet: torch.nn.Module, batch: int = 2) -> GraphSignature:
+    """Inputs of one CFG UNet call; the batch axis is dynamic (partial batches, Server's any size)."""
+    config = unet.config
+    size = int(config.sample_size)
+    text_embeds = int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
+    generator = torch.Generator().manual_seed(0)  # the same example every call: tests compare against it
+    example = (torch.randn(batch, int(config.in_channels), size, size, generator=generator), torch.full((batch,), 951.0),
+               torch.randn(batch, 77, int(config.cross_attention_dim), generator=generator),
+               torch.randn(batch, text_embeds, generator=generator),
+               torch.tensor([[size * 8.0, size * 8.0, 0.0, 0.0, size * 8.0, size * 8.0]] * batch))
+    names = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+    return GraphSignature(names, ("noise_pred",), example, {n: {0: "batch"} for n in names + ("noise_pred",)})
+
+
+def export_onnx(module: torch.nn.Module, signature: GraphSignature, path: Path,
+                marks: Iterable[str] = (), prefix: str = "") -> Path:
+    """Export ``module`` (marked at ``marks``, keys relative to ``module``) to ``path``, opset 21.
+
+    ``prefix`` is the path of the keyed module inside ``module`` (``"unet."`` for :class:`UNetForExport`).
+    The file is written to a temporary name and renamed, so an interrupted export never leaves a model
+    that a later run would load.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keyed = module.get_submodule(prefix.rstrip(".")) if prefix else module
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with marked(keyed, marks), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript tracer warnings on diffusers' shape checks
+            torch.onnx.export(module, signature.example_inputs, str(raw), dynamo=False, opset_version=EXPORT_OPSET,
+                              input_names=list(signature.input_names), output_names=list(signature.output_names),
+                              dynamic_axes=signature.dynamic_axes, do_constant_folding=True,
+                              custom_opsets={MARK_DOMAIN: 1})
+        model = onnx.load(str(raw))
+        upgrade_opset(model)
+        save_model(model, path)
+    return path
+
+
+def upgrade_opset(model) -> None:
+    """Declare opset 21 (uint16/int16 Q/DQ); refuses graphs holding ops whose meaning changed in 21."""
+    breaking = sorted({n.op_type for n in model.graph.node if n.op_type in _OPSET_21_BREAKING and n.domain == ""})
+    if breaking:
+        raise ValueError(f"cannot lift the export to opset {TARGET_OPSET}: it uses {', '.join(breaking)}")
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, TARGET_OPSET)
+
+
+def save_model(model, path: Path) -> Path:
+    """Save atomically; weights go to ``<name>.data`` beside the model above protobuf's 2 GB limit."""
+    import onnx
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if initializer_bytes(model) >= EXTERNAL_DATA_BYTES - (64 << 20):
+        # the data file is written under its final name; only the small graph file needs the rename
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def initializer_bytes(model) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def cache_key(*parts: Any) -> str:
+    """A short, stable key over JSON-able parts (model fingerprint, export settings, encodings hash)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

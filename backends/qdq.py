@@ -1,0 +1,215 @@
+"""Turn the ``Mark`` nodes of a marked export into QuantizeLinear/DequantizeLinear from our encodings.
+
+Not a second calibration: every scale and zero point comes from the encodings file, and weights are
+quantized with :func:`calibration.quantizers.quantize` -- the function the fake-quant backend uses --
+so the integers in the ONNX model are the ones PyTorch simulated. Activations become ``Q -> DQ``
+pairs; weights become a quantized initializer feeding ``DQ`` (the form ONNX Runtime's and QNN's QDQ
+fusions look for), with a Linear's ``Transpose`` folded into the initializer so nothing sits between
+``DQ`` and ``MatMul``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from calibration.encodings import Encoding, EncodingsError, parse_key
+from calibration.quantizers import quantize
+
+from .onnx_export import MARK_DOMAIN, MARK_OP
+
+#: our dtype names -> ONNX TensorProto element types (opset 21 Q/DQ)
+_ONNX_TYPES = {"int8": "INT8", "uint8": "UINT8", "int16": "INT16", "uint16": "UINT16", "int4": "INT4",
+               "uint4": "UINT4", "float8e4m3fn": "FLOAT8E4M3FN", "float8e5m2": "FLOAT8E5M2"}
+_NUMPY_INTS = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
+
+
+@dataclass
+class QdqResult:
+    """What :func:`apply_marks` did: key -> float tensor it quantized, and counts."""
+
+    tensor_map: dict[str, str] = field(default_factory=dict)
+    activations: int = 0
+    weights: int = 0
+    removed_marks: int = 0
+    #: largest |q| over int8 weights: above 64, u8s8 GEMMs without VNNI (VPMADDUBSW) can saturate
+    max_abs_int8_weight: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"activations": self.activations, "weights": self.weights, "removed_marks": self.removed_marks,
+                "max_abs_int8_weight": self.max_abs_int8_weight,
+                "tensor_map": dict(sorted(self.tensor_map.items()))}
+
+
+def _tensor_type(dtype: str, key: str) -> int:
+    from onnx import TensorProto
+
+    if dtype not in _ONNX_TYPES:
+        raise EncodingsError(f"{key}: {dtype} has no ONNX Q/DQ type at opset 21; "
+                             f"the ort backend supports {', '.join(_ONNX_TYPES)}")
+    return getattr(TensorProto, _ONNX_TYPES[dtype])
+
+
+def _make_tensor(name: str, dtype: str, values: np.ndarray, key: str):
+    """An initializer of quantized ``values`` (integers, or FP8-representable floats) in ``dtype``."""
+    from onnx import helper, numpy_helper
+
+    if dtype in _NUMPY_INTS:
+        return numpy_helper.from_array(values.astype(_NUMPY_INTS[dtype]), name)
+    # int4/uint4/FP8: make_tensor packs and (for FP8) rounds exactly-representable values unchanged
+    return helper.make_tensor(name, _tensor_type(dtype, key), list(values.shape), values.reshape(-1).tolist())
+
+
+def _qparams_tensors(enc: Encoding, key: str, prefix: str) -> tuple[list, list[str], dict[str, Any]]:
+    """Scale and zero-point initializers plus the ``axis`` attribute of one encoding."""
+    from onnx import numpy_helper
+
+    per_channel = enc.axis is not None and enc.channels > 1
+    shape = (enc.channels,) if per_channel else ()
+    scale = numpy_helper.from_array(np.asarray(enc.scale, dtype=np.float32).reshape(shape), f"{prefix}.scale")
+    offsets = np.asarray(enc.offset, dtype=np.float32).reshape(shape)
+    zero_point = _make_tensor(f"{prefix}.zero_point", enc.dtype, offsets, key)
+    attrs = {"axis": int(enc.axis)} if per_channel else {}
+    return [scale, zero_point], [scale.name, zero_point.name], attrs
+
+
+def _single(value: Encoding | list[Encoding], key: str) -> Encoding:
+    if isinstance(value, list):
+        raise EncodingsError(f"{key}: timestep-ranged encodings switch quantizers per step, which one static "
+                             "ONNX graph cannot; calibrate without per-timestep ranges for --backend ort")
+    return value
+
+
+def require_static(entries: Mapping[str, Encoding | list[Encoding]]) -> None:
+    """Refuse timestep-ranged entries before an export is spent on them."""
+    for key, value in entries.items():
+        _single(value, key)
+
+
+def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) -> QdqResult:
+    """Replace each ``Mark`` of ``model`` (in place): Q/DQ where ``entries`` has its key, nothing otherwise."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    result = QdqResult()
+    renames: dict[str, str] = {}
+    dropped: set[int] = set()
+    new_nodes = []
+    for node in graph.node:
+        if not (node.domain == MARK_DOMAIN and node.op_type == MARK_OP):
+            new_nodes.append(node)
+            continue
+        key = _attribute(node, "key").decode()
+        source, target = node.input[0], node.output[0]
+        value = entries.get(key) if entries else None
+        if value is None:
+            result.removed_marks += 1
+            if target in graph_outputs:
+                new_nodes.append(helper.make_node("Identity", [source], [target], name=f"{key}/Identity"))
+            else:
+                renames[target] = source
+            continue
+        enc = _single(value, key)
+        _, kind, _ = parse_key(key)
+        if kind == "weight":
+            if source not in initializers:
+                raise EncodingsError(f"{key}: the exported weight {source!r} is not a constant initializer")
+            weight = torch.from_numpy(numpy_helper.to_array(initializers[source]).copy())
+            q = quantize(weight, enc.qparams()).numpy()
+            if enc.dtype == "int8":
+                result.max_abs_int8_weight = max(result.max_abs_int8_weight, int(np.abs(q).max()))
+            axis = enc.axis
+            users = consumers.get(target, [])
+            if len(users) == 1 and users[0].op_type == "Transpose" and axis is not None:
+                # Linear: fold the transpose into the initializer so DQ feeds MatMul directly
+                transpose = users[0]
+                perm = list(_attribute(transpose, "perm"))
+                q = np.transpose(q, perm)
+                axis = perm.index(axis % weight.dim())
+                dropped.add(id(transpose))
+                target = transpose.output[0]
+            enc_axis = Encoding(enc.dtype, enc.bits, enc.symmetric, axis, enc.scale, enc.offset, enc.min, enc.max)
+            tensors, names, attrs = _qparams_tensors(enc_axis, key, key)
+            quantized = _make_tensor(f"{key}.quantized", enc.dtype, np.ascontiguousarray(q), key)
+            graph.initializer.extend(tensors + [quantized])
+            new_nodes.append(helper.make_node("DequantizeLinear", [quantized.name] + names, [target],
+                                              name=f"{key}/DequantizeLinear", **attrs))
+            result.weights += 1
+        else:
+            tensors, names, attrs = _qparams_tensors(enc, key, key)
+            graph.initializer.extend(tensors)
+            q_name = f"{key}.quantized"
+            new_nodes.append(helper.make_node("QuantizeLinear", [source] + names, [q_name],
+                                              name=f"{key}/QuantizeLinear", **attrs))
+            new_nodes.append(helper.make_node("DequantizeLinear", [q_name] + names, [target],
+                                              name=f"{key}/DequantizeLinear", **attrs))
+            result.activations += 1
+        result.tensor_map[key] = source
+    new_nodes = [n for n in new_nodes if id(n) not in dropped]
+    for node in new_nodes:
+        for i, name in enumerate(node.input):
+            while name in renames:
+                name = renames[name]
+            node.input[i] = name
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused_initializers(graph)
+    return result
+
+
+def _attribute(node, name: str) -> Any:
+    from onnx import helper
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    raise ValueError(f"node {node.name} ({node.op_type}) has no attribute {name!r}")
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def check_no_marks(model) -> None:
+    """A model handed to a session must hold no ``Mark`` (ORT has no kernel for it)."""
+    left = [n.name for n in model.graph.node if n.domain == MARK_DOMAIN]
+    if left:
+        raise RuntimeError(f"{len(left)} Mark node(s) left in the graph, e.g. {left[0]}")
+    keep = [o for o in model.opset_import if o.domain != MARK_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+
+
+def fusion_report(optimized_model) -> dict[str, Any]:
+    """Which quantized ops ONNX Runtime fused into integer kernels and which run as DQ -> fp32 -> Q.
+
+    Reads the session's optimized graph: integer kernels (``QLinearConv``, ``QLinearMatMul``,
+    ``MatMulIntegerToFloat``, ``QGemm``, ...) count as fused; a float Conv/MatMul/Gemm that still reads a
+    ``DequantizeLinear`` output ran in fp32 between the Q/DQ pairs.
+    """
+    graph = optimized_model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    counts: dict[str, int] = {}
+    unfused: list[str] = []
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        if node.op_type in ("Conv", "MatMul", "Gemm", "FusedConv", "FusedMatMul") and any(
+                producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input):
+            unfused.append(node.name)
+    integer_ops = {k: v for k, v in counts.items() if k.startswith(("QLinear", "QGemm", "MatMulInteger", "ConvInteger",
+                                                                      "DynamicQuantize"))}
+    return {"fused": integer_ops, "fused_total": sum(integer_ops.values()), "unfused": sorted(unfused),
+            "quantize_linear": counts.get("QuantizeLinear", 0), "dequantize_linear": counts.get("DequantizeLinear", 0),
+            "op_counts": dict(sorted(counts.items()))}
