@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -23,17 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from harness.system_info import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def child(mode: str, log: str) -> dict:
@@ -44,7 +33,7 @@ def child(mode: str, log: str) -> dict:
     from accuracy.report import AuditOptions, audit_log
 
     evaluators = build_evaluators(fid=True, clip=True, random_weights=True)
-    base = _rss_mb()
+    base = rss_mb()
     start = time.perf_counter()
     if mode == "stream":
         result = audit_log(log, options=AuditOptions(random_weights=True, missing="na"), evaluators=evaluators)
@@ -57,7 +46,7 @@ def child(mode: str, log: str) -> dict:
         n = len(images)
     elapsed = time.perf_counter() - start
     return {"mode": mode, "images": n, "seconds": elapsed, "images_per_s": n / elapsed,
-            "rss_after_load_mb": base, "peak_rss_mb": _peak_mb(), "growth_mb": _peak_mb() - base}
+            "rss_after_load_mb": base, "peak_rss_mb": peak_rss_mb(), "growth_mb": peak_rss_mb() - base}
 
 
 def make_log(path: Path, n: int) -> None:

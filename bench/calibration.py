@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,13 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from harness.system_info import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def child_calibrate(profile: str, prompts: int, timesteps: str) -> dict:
@@ -43,12 +35,12 @@ def child_calibrate(profile: str, prompts: int, timesteps: str) -> dict:
 
     spec = model_spec(profile)
     components = load_components(spec, show_progress=False)
-    after_load = _rss_mb()
+    after_load = rss_mb()
     started = time.time()
     with tempfile.TemporaryDirectory() as cache:
         enc = calibrate_components(components, "w8a8", num_prompts=prompts, timesteps=timesteps, cache_dir=cache,
                                    apply=False, free_text_encoders=True, show_progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"bench": "calibrate-rss", "profile": profile, "prompts": prompts, "timesteps": timesteps,
             "after_load_mb": round(after_load, 1), "peak_mb": round(peak, 1), "growth_mb": round(peak - after_load, 1),
             "seconds": round(time.time() - started, 1), "quantizers": enc.num_quantizers()}

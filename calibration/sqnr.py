@@ -145,7 +145,7 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
         references.append({})
 
     def root_post(mod, args, output):
-        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        out = _root_output(output)
         outputs.append(out.detach().clone())
 
     for name in layers:
@@ -153,12 +153,7 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
     for name in tracked:
         handles.append(modules[name].register_forward_hook(record_hook(name)))
     handles += [module.register_forward_pre_hook(root_pre), module.register_forward_hook(root_post)]
-    try:
-        with torch.inference_mode():
-            limited(forward_loop, samples)(module)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(module, handles, forward_loop, samples)
     apply()
     sample = [-1]
     handles = []
@@ -174,21 +169,31 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
         sample[0] += 1
 
     def root_post_q(mod, args, output):
-        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        out = _root_output(output)
         report.accumulated.setdefault(OUTPUT_ROW, _Acc()).add(outputs[sample[0]], out)
 
     for name in tracked:
         handles.append(modules[name].register_forward_hook(compare_hook(name)))
     handles += [module.register_forward_pre_hook(root_pre_q), module.register_forward_hook(root_post_q)]
+    _run_hooked(module, handles, forward_loop, samples)
+    for name in report.order:
+        report.types.setdefault(name, type(modules[name]).__name__)
+    return report
+
+
+def _root_output(output):
+    """The tensor a component returns (first of a tuple, ``.sample`` of a diffusers output)."""
+    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+
+
+def _run_hooked(module: torch.nn.Module, handles: list, forward_loop, samples: int) -> None:
+    """Feed ``samples`` calibration batches through ``module``, then take ``handles``' hooks off."""
     try:
         with torch.inference_mode():
             limited(forward_loop, samples)(module)
     finally:
         for h in handles:
             h.remove()
-    for name in report.order:
-        report.types.setdefault(name, type(modules[name]).__name__)
-    return report
 
 
 def write_report(reports: list[SqnrReport], csv_path: Path, plot_path: Path | None = None) -> None:

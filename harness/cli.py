@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMAND_MODULES = ("harness.run_command", "accuracy.commands")
+COMMAND_MODULES = ("harness.run_command", "calibration.commands", "accuracy.commands")
 
 
 class UserError(Exception):
