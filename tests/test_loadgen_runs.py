@@ -39,17 +39,18 @@ def test_null_backend_is_valid(tmp_path, scenario, extra):
 
 
 def test_tiny_offline_performance_and_accuracy(tmp_path, capsys):
-    record = _run(tmp_path, "--mode", "both", "--max-samples", "4", "--count", "4", "--max-batchsize", "2",
+    # two samples, one batch of 2 per mode: each 256^2 image costs 20-40 s on the 2-core CI machines
+    record = _run(tmp_path, "--mode", "both", "--max-samples", "2", "--count", "2", "--max-batchsize", "2",
                   "--save-images")
     perf, acc = record["tests"]
-    assert perf["mode"] == "performance" and perf["qps"] > 0 and perf["samples"] >= 4
-    assert acc["mode"] == "accuracy" and acc["samples"] == 4
+    assert perf["mode"] == "performance" and perf["qps"] > 0 and perf["samples"] >= 2
+    assert acc["mode"] == "accuracy" and acc["samples"] == 2
     log = Path(acc["dir"]) / "mlperf_log_accuracy.json"
     entries = json.loads(log.read_text())
-    assert sorted(e["qsl_idx"] for e in entries) == [0, 1, 2, 3]
+    assert sorted(e["qsl_idx"] for e in entries) == [0, 1]
     assert all(len(e["data"]) == 256 * 256 * 3 * 2 for e in entries)  # raw HWC uint8 bytes, hex
     assert record["latent"]["source"].startswith("file:") and (tmp_path / "run" / "latents.pt").is_file()
-    assert record["dataset"]["rows"] == 4 and record["max_samples"] == 4
+    assert record["dataset"]["rows"] == 2 and record["max_samples"] == 2
     assert "RANDOM WEIGHTS" in " ".join(record["non_compliance_reasons"])
     assert (Path(acc["dir"]) / "images" / "grid.png").is_file()
     table = capsys.readouterr().out
