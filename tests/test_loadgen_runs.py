@@ -49,7 +49,8 @@ def test_tiny_offline_performance_and_accuracy(tmp_path, capsys):
     entries = json.loads(log.read_text())
     assert sorted(e["qsl_idx"] for e in entries) == [0, 1]
     assert all(len(e["data"]) == 256 * 256 * 3 * 2 for e in entries)  # raw HWC uint8 bytes, hex
-    assert record["latent"]["source"].startswith("file:") and (tmp_path / "run" / "latents.pt").is_file()
+    # drawn here (no --latents), saved in the run directory so the children and a rerun use the same bytes
+    assert record["latent"]["source"].startswith("drawn:") and (tmp_path / "run" / "latents.pt").is_file()
     assert record["dataset"]["rows"] == 2 and record["max_samples"] == 2
     assert "RANDOM WEIGHTS" in " ".join(record["non_compliance_reasons"])
     assert (Path(acc["dir"]) / "images" / "grid.png").is_file()
