@@ -64,10 +64,7 @@ class OrtBackend(TorchBackend):
     def _cache_key(self, entries: dict) -> str:
         import onnxruntime
 
-        from calibration.encodings import Encoding
-
-        content = {k: ([e.to_json() for e in v] if isinstance(v, list) else v.to_json()) if isinstance(v, (list, Encoding))
-                   else v for k, v in sorted(entries.items())}
+        content = {k: [e.to_json() for e in v] if isinstance(v, list) else v.to_json() for k, v in sorted(entries.items())}
         delta = None
         if self.quantization and self.quantization.encodings.weights_delta and self.options.encodings:
             from harness.dataset import file_sha256
@@ -87,6 +84,10 @@ class OrtBackend(TorchBackend):
         out = super().describe()
         out.update(ep=self.ep, onnx_model=str(self.model_path), isa=isa_summary(),
                    session_threads=self.session.get_session_options().intra_op_num_threads)
+        tensor_map = self.model_dir / "unet.tensor_map.json"
+        if tensor_map.is_file() and "quantization" in out:  # the UNet's quantizers live in the ONNX graph
+            counts = json.loads(tensor_map.read_text())
+            out["quantization"]["quantizers"]["unet"] = counts["activations"] + counts["weights"]
         if self.fusion:
             out["fusion"] = {k: self.fusion[k] for k in ("fused", "fused_total", "quantize_linear",
                                                          "dequantize_linear") if k in self.fusion}
@@ -104,7 +105,7 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
     """Export ``unet`` (marked at the encodings' keys), insert Q/DQ, write the sidecars; cached by ``directory``."""
     import onnx
 
-    from .onnx_export import UNetForExport, export_onnx, save_model, unet_signature
+    from .onnx_export import EXTERNAL_DATA_BYTES, UNetForExport, export_onnx, initializer_bytes, save_model, unet_signature
     from .qdq import apply_marks, check_no_marks
 
     path = directory / "unet.onnx"
@@ -118,7 +119,8 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
     model = onnx.load(str(marked))
     result = apply_marks(model, entries)
     check_no_marks(model)
-    onnx.checker.check_model(model, full_check=False) if model.ByteSize() < (1 << 31) - (64 << 20) else None
+    if initializer_bytes(model) < EXTERNAL_DATA_BYTES - (64 << 20):  # the checker needs one protobuf under 2 GB
+        onnx.checker.check_model(model, full_check=False)
     (directory / "unet.tensor_map.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
     if encodings is not None and entries:
         from calibration.aimet_export import export_aimet

@@ -87,6 +87,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         modes = ("accuracy",)
     if args.ep and args.backend not in ("ort", "onnxruntime"):
         raise UserError(f"--ep {args.ep} applies to --backend ort only")
+    if args.backend in ("ort", "onnxruntime") and (args.dtype != "fp32" or args.device != "cpu"):
+        raise UserError("--backend ort runs fp32 ONNX graphs on the CPU (quantized ones with --encodings); "
+                        f"got --dtype {args.dtype} --device {args.device}")
     for name in ("max_batchsize", "threads"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")

@@ -65,6 +65,8 @@ def test_tiny_offline_performance_and_accuracy(tmp_path, capsys):
     (["--user-conf", "/nonexistent.conf"], "--user-conf /nonexistent.conf not found"),
     (["--latents", "/nonexistent.pt"], "latent file /nonexistent.pt not found"),
     (["--max-batchsize", "0"], "--max-batchsize must be >= 1"),
+    (["--ep", "qnn"], "--ep qnn applies to --backend ort only"),
+    (["--backend", "ort", "--dtype", "fp16"], "--backend ort runs fp32 ONNX graphs on the CPU"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, capsys, flags, message):
     assert main(["run", "--output", str(tmp_path / "run"), *flags]) == 2

@@ -130,7 +130,7 @@ def test_fp32_onnx_matches_torch_with_a_dynamic_batch(tiny_spec, tmp_path, unet_
     assert _backend("ort", tiny_spec, tmp_path).model_path.stat().st_mtime_ns == mtime
 
 
-@pytest.mark.slow  # failed inside the full suite (session 2; message not seen yet): under investigation
+@pytest.mark.slow  # its DQ-count assertion was wrong (460 seen, fixed); ~4-13 min here: unmark once it is re-run
 def test_w8a8_qdq_matches_fake_quant(tiny_backend, tiny_spec, tmp_path, unet_args, fp32_out):
     encodings, path = _encodings(tiny_backend, unet_args, "w8a8", tmp_path)
     fake_quant = _backend("torch", tiny_spec, tmp_path, path)
@@ -150,7 +150,7 @@ def test_w8a8_qdq_matches_fake_quant(tiny_backend, tiny_spec, tmp_path, unet_arg
     model = onnx.load(str(ort.model_path))
     ops = [n.op_type for n in model.graph.node]
     weights = sum(k.endswith(":weight[0]") for k in entries)
-    assert ops.count("DequantizeLinear") == len(entries) + (len(entries) - weights)
+    assert ops.count("DequantizeLinear") == len(entries)  # one per weight, one per activation Q/DQ pair
     assert ops.count("QuantizeLinear") == len(entries) - weights
     # a Linear's weight: int8 initializer -> DQ (axis 1 after the folded transpose) -> MatMul, nothing between
     key = next(k for k in entries if k.endswith("to_q:weight[0]"))
