@@ -10,7 +10,7 @@ fusions look for), with a Linear's ``Transpose`` folded into the initializer so 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
@@ -137,8 +137,7 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
                 axis = perm.index(axis % weight.dim())
                 dropped.add(id(transpose))
                 target = transpose.output[0]
-            enc_axis = Encoding(enc.dtype, enc.bits, enc.symmetric, axis, enc.scale, enc.offset, enc.min, enc.max)
-            tensors, names, attrs = _qparams_tensors(enc_axis, key, key)
+            tensors, names, attrs = _qparams_tensors(replace(enc, axis=axis), key, key)
             quantized = _make_tensor(f"{key}.quantized", enc.dtype, np.ascontiguousarray(q), key)
             graph.initializer.extend(tensors + [quantized])
             new_nodes.append(helper.make_node("DequantizeLinear", [quantized.name] + names, [target],
