@@ -145,30 +145,84 @@ def unet_signature(unet: torch.nn.Module, batch: int = 2) -> GraphSignature:
 
 
 def export_onnx(module: torch.nn.Module, signature: GraphSignature, path: Path,
-                marks: Iterable[str] = (), prefix: str = "") -> Path:
+                marks: Iterable[str] = (), prefix: str = "", stream_weights: bool | None = None) -> Path:
     """Export ``module`` (marked at ``marks``, keys relative to ``module``) to ``path``, opset 21.
 
     ``prefix`` is the path of the keyed module inside ``module`` (``"unet."`` for :class:`UNetForExport`).
     The file is written to a temporary name and renamed, so an interrupted export never leaves a model
     that a later run would load.
+
+    ``stream_weights`` (default: when the weights pass protobuf's 2 GB limit) exports the graph with
+    the weights as inputs, then writes them one tensor at a time to ``<name>.data`` as external
+    initializers (:func:`attach_external_weights`). The exporter's own path holds 3.5-4.5 copies of the
+    model (36-46 GB for SDXL's 10.3 GB UNet); this one holds the module plus one tensor. Constant
+    folding is off on that path (it would make unnamed copies of weights); ONNX Runtime folds at load.
     """
     import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     keyed = module.get_submodule(prefix.rstrip(".")) if prefix else module
+    marks = list(marks)
+    if stream_weights is None:
+        stream_weights = parameter_bytes(module) >= EXTERNAL_DATA_BYTES - (64 << 20)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         with marked(keyed, marks), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript tracer warnings on diffusers' shape checks
             torch.onnx.export(module, signature.example_inputs, str(raw), dynamo=False, opset_version=EXPORT_OPSET,
                               input_names=list(signature.input_names), output_names=list(signature.output_names),
-                              dynamic_axes=signature.dynamic_axes, do_constant_folding=True,
-                              custom_opsets={MARK_DOMAIN: 1})
-        model = onnx.load(str(raw))
+                              dynamic_axes=signature.dynamic_axes, do_constant_folding=not stream_weights,
+                              export_params=not stream_weights, custom_opsets={MARK_DOMAIN: 1} if marks else None)
+        model = onnx.load(str(raw))  # streamed: the graph alone, its weights are inputs
+        if stream_weights:
+            attach_external_weights(model, module.state_dict(), set(signature.input_names), path)
         upgrade_opset(model)
         save_model(model, path)
     return path
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+_ONNX_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "BFLOAT16", torch.int64: "INT64",
+                torch.int32: "INT32", torch.bool: "BOOL", torch.uint8: "UINT8", torch.int8: "INT8"}
+
+
+def attach_external_weights(model, tensors: dict[str, torch.Tensor], graph_inputs: set[str], path: Path) -> None:
+    """Turn the weight inputs of a graph exported without parameters into external initializers.
+
+    Each weight's bytes go straight from the tensor's memory to ``<path name>.data`` (64-byte aligned),
+    so the model is never copied. The data file is complete before the graph that names it is saved.
+    """
+    from onnx import TensorProto
+
+    data_name = Path(path).name + ".data"
+    data_tmp = Path(path).with_name(f".{data_name}.tmp")
+    kept, offset = [], 0
+    with open(data_tmp, "wb") as out:
+        for value in list(model.graph.input):
+            if value.name in graph_inputs:
+                kept.append(value)
+                continue
+            if value.name not in tensors:
+                raise ValueError(f"exported graph input {value.name!r} is neither a signature input nor a weight")
+            tensor = tensors[value.name].detach().cpu().contiguous()
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            out.write(b"\0" * (-offset % 64))
+            offset += -offset % 64
+            proto = TensorProto(name=value.name, dims=list(tensor.shape),
+                                data_type=getattr(TensorProto, _ONNX_DTYPES[tensor.dtype]))
+            proto.data_location = TensorProto.EXTERNAL
+            for key, entry in (("location", data_name), ("offset", offset), ("length", raw.nbytes)):
+                proto.external_data.add(key=key, value=str(entry))
+            out.write(raw.data)
+            offset += raw.nbytes
+            model.graph.initializer.append(proto)
+    os.replace(data_tmp, Path(path).with_name(data_name))
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
 
 
 def upgrade_opset(model) -> None:
@@ -182,12 +236,17 @@ def upgrade_opset(model) -> None:
 
 
 def save_model(model, path: Path) -> Path:
-    """Save atomically; weights go to ``<name>.data`` beside the model above protobuf's 2 GB limit."""
+    """Save atomically; weights go to ``<name>.data`` beside the model above protobuf's 2 GB limit.
+
+    A model whose weights are already external (a streamed export) keeps them where they are.
+    """
     import onnx
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    if initializer_bytes(model) >= EXTERNAL_DATA_BYTES - (64 << 20):
+    if _has_external_data(model):
+        onnx.save_model(model, str(tmp))  # only the graph: the data file is in place already
+    elif initializer_bytes(model) >= EXTERNAL_DATA_BYTES - (64 << 20):
         # the data file is written under its final name; only the small graph file needs the rename
         onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
@@ -195,6 +254,18 @@ def save_model(model, path: Path) -> Path:
         onnx.save_model(model, str(tmp))
     os.replace(tmp, path)
     return path
+
+
+def _has_external_data(model) -> bool:
+    from onnx import TensorProto
+
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def remove_model(path: Path) -> None:
+    """Delete an ONNX file and its external data file, if any."""
+    Path(path).unlink(missing_ok=True)
+    Path(path).with_name(Path(path).name + ".data").unlink(missing_ok=True)
 
 
 def initializer_bytes(model) -> int:

@@ -102,27 +102,36 @@ def _threads(options: BackendOptions) -> int:
 
 def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, encodings=None,
                      show_progress: bool = True) -> Path:
-    """Export ``unet`` (marked at the encodings' keys), insert Q/DQ, write the sidecars; cached by ``directory``."""
+    """Export ``unet`` (marked at the encodings' keys), insert Q/DQ, write the sidecars; cached by ``directory``.
+
+    Without encodings the export is the model: it is never loaded back, so a full-size UNet (streamed
+    to external data by :func:`~backends.onnx_export.export_onnx`) never sits in memory as protobuf.
+    """
     import onnx
 
-    from .onnx_export import EXTERNAL_DATA_BYTES, UNetForExport, export_onnx, initializer_bytes, save_model, unet_signature
-    from .qdq import apply_marks, check_no_marks
+    from .onnx_export import (EXTERNAL_DATA_BYTES, UNetForExport, export_onnx, initializer_bytes, remove_model,
+                              save_model, unet_signature)
+    from .qdq import QdqResult, apply_marks, check_no_marks
 
     path = directory / "unet.onnx"
     if path.is_file():
         return path
     directory.mkdir(parents=True, exist_ok=True)
-    marked = directory / ".unet.marked.onnx"
     if show_progress:
         print(f"exporting the UNet to ONNX ({len(entries)} quantizers) -> {directory}", flush=True)
+    tensor_map = directory / "unet.tensor_map.json"
+    if not entries:
+        tensor_map.write_text(json.dumps(QdqResult().to_json(), indent=1) + "\n")
+        return export_onnx(UNetForExport(unet), unet_signature(unet), path)  # atomic: the complete entry's mark
+    marked = directory / ".unet.marked.onnx"
     export_onnx(UNetForExport(unet), unet_signature(unet), marked, marks=entries.keys(), prefix="unet.")
     model = onnx.load(str(marked))
     result = apply_marks(model, entries)
     check_no_marks(model)
     if initializer_bytes(model) < EXTERNAL_DATA_BYTES - (64 << 20):  # the checker needs one protobuf under 2 GB
         onnx.checker.check_model(model, full_check=False)
-    (directory / "unet.tensor_map.json").write_text(json.dumps(result.to_json(), indent=1) + "\n")
-    if encodings is not None and entries:
+    tensor_map.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    if encodings is not None:
         from calibration.aimet_export import export_aimet
         from calibration.encodings import Encodings
 
@@ -130,7 +139,7 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
                               excluded={"unet": encodings.excluded.get("unet", [])})
         export_aimet(unet_only, path, name_map=result.tensor_map)
     save_model(model, path)  # last: its presence marks a complete cache entry
-    marked.unlink(missing_ok=True)
+    remove_model(marked)
     return path
 
 
@@ -153,12 +162,21 @@ def _qnn_provider(options: Any) -> None:
 
 
 def create_session(model_path: Path, ep: str = "cpu", threads: int = 1, optimization: str = "all"):
-    """An inference session; the CPU EP also writes its optimized graph once, for the fusion report."""
+    """An inference session; the CPU EP also writes its optimized graph once, for the fusion report.
+
+    ORT's thread pool follows the harness's wait policy: with ``OMP_WAIT_POLICY=PASSIVE`` (the
+    harness default, see :func:`harness.cli.quiet_openmp_waits`) its idle threads sleep instead of
+    spinning, for the same reason. ORT's warnings (the optimized-model dump, the HTP emulator's
+    notices) show at ``--log-level INFO``; errors always do.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, threads)
     options.inter_op_num_threads = 1
+    options.log_severity_level = 1 if log.isEnabledFor(logging.INFO) else 3
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                                         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

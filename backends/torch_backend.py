@@ -28,12 +28,12 @@ class TorchBackend(Backend):
                           "~100x slower than fp32", stacklevel=2)
         components = load_components(spec, self.dtype, options.show_progress)
         self.components = components
-        self.text_encoder = components.text_encoder.to(self.device, self.dtype)
-        self.text_encoder_2 = components.text_encoder_2.to(self.device, self.dtype)
-        self.unet = components.unet.to(self.device, self.dtype)
+        self.text_encoder = _placed(components.text_encoder, self.device, self.dtype)
+        self.text_encoder_2 = _placed(components.text_encoder_2, self.device, self.dtype)
+        self.unet = _placed(components.unet, self.device, self.dtype)
         # diffusers upcasts SDXL's VAE to fp32 in fp16 runs (force_upcast): its fp16 decode overflows.
         vae_dtype = torch.float32 if (self.dtype == torch.float16 and components.vae.config.force_upcast) else self.dtype
-        self.vae = components.vae.to(self.device, vae_dtype)
+        self.vae = _placed(components.vae, self.device, vae_dtype)
         if self._use_channels_last():
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
@@ -80,3 +80,9 @@ class TorchBackend(Backend):
 
 
 register_backend("torch", TorchBackend, aliases=("pytorch",))
+
+
+def _placed(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` on ``device`` in ``dtype``, cast only when it is not already (diffusers warns on every cast)."""
+    module = module.to(device)
+    return module if module.dtype == dtype else module.to(dtype)

@@ -5,7 +5,8 @@ One run, one machine, interleaved repeats, so the ratios are side by side:
 * UNet latency (CFG batch 2, best of ``--repeats``) for torch FP32, torch fake-quant (w8a8), ORT FP32,
   ORT INT8 (A8W8, ``w8a8``) and ORT A16W8 (``w8a16``), on tiny and on an SDXL-width UNet slice
   (SDXL's 320/640/1280 channels and attention widths, one layer per block, 32x32 latent);
-* end-to-end images/s on tiny through the one SDXL pipeline (``--images``, 20 steps each);
+* end-to-end images/s on tiny through the one SDXL pipeline for the same five variants (``--images``,
+  20 steps each);
 * ceilings: int8 GEMM throughput (ORT ``MatMulInteger`` u8s8) against fp32 GEMM (torch and ORT MatMul),
   and an Amdahl bound for the slice from its share of quantized MACs (attention's Q.K^T and softmax.V and
   the excluded layers stay fp32): ``1 / ((1 - f) + f / s)`` with ``s`` the int8/fp32 GEMM ratio.
@@ -55,20 +56,20 @@ def _calibrate(unet: torch.nn.Module, recipe: str, inputs: tuple):
     """Encodings from two batches of the benchmark's own inputs (what is timed, not what is accurate)."""
     sample = inputs[0]
     loop = lambda m: [_unet_call(m, (sample * s, *inputs[1:])) for s in (1.0, 0.7)]  # noqa: E731
-    return quantize(unet, recipe, loop, component="unet", apply=False).components["unet"]
+    return quantize(unet, recipe, loop, component="unet", apply=False)
 
 
 def unet_variants(unet: torch.nn.Module, cache: Path, threads: int) -> tuple[dict, tuple]:
     """name -> a callable running one CFG UNet call, for every variant, plus the inputs."""
     inputs = unet_signature(unet, batch=2).example_inputs
     feeds = dict(zip(("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"), inputs))
-    w8a8 = _calibrate(unet, "w8a8", inputs)
+    w8a8 = _calibrate(unet, "w8a8", inputs).components["unet"]
     fake_quant = copy.deepcopy(unet)
     apply_encodings(fake_quant, w8a8, "unet")
     variants = {"torch FP32": lambda: _unet_call(unet, inputs), "torch fake-quant (w8a8)": lambda: _unet_call(fake_quant, inputs)}
     sessions = {"ORT FP32": create_session(build_unet_model(unet, {}, cache / "fp32", show_progress=False), "cpu", threads)}
     for name, recipe in RECIPES.items():
-        entries = w8a8 if recipe == "w8a8" else _calibrate(unet, recipe, inputs)
+        entries = w8a8 if recipe == "w8a8" else _calibrate(unet, recipe, inputs).components["unet"]
         sessions[name] = create_session(build_unet_model(unet, entries, cache / recipe, show_progress=False), "cpu", threads)
     for name, session in sessions.items():
         variants[name] = lambda session=session: run_bound(session, feeds, "noise_pred", inputs[0].shape)
@@ -170,9 +171,11 @@ def main() -> int:
             print(f"preparing {label}: calibrating, exporting", flush=True)
             variants, inputs = unet_variants(unet, Path(tmp) / label.replace(" ", "-"), threads)
             latency[label] = interleaved_best(variants, args.repeats)
-            shares[label] = quantized_mac_share(unet, _calibrate(unet, "w8a8", inputs), inputs)
+            shares[label] = quantized_mac_share(unet, _calibrate(unet, "w8a8", inputs).components["unet"], inputs)
+            if label == "tiny":
+                tiny_inputs = inputs
     ceilings = gemm_ceilings()
-    e2e = {} if args.skip_e2e else end_to_end(args.images)
+    e2e = {} if args.skip_e2e else end_to_end(args.images, tiny_unet, tiny_inputs)
 
     print(f"\nCPU: {system_description()['cpu_model']} ({isa_summary()}), {threads} threads\n")
     names = list(next(iter(latency.values())))
@@ -192,7 +195,7 @@ def main() -> int:
     print(f"ORT A8W8 speed-up: {vs_torch:.2f}x over torch FP32 ({vs_torch / bound:.0%} of bound), "
           f"{vs_ort:.2f}x over ORT FP32 ({vs_ort / bound:.0%} of bound); goal >= 80%")
     if e2e:
-        print("\ntiny end to end, 20 steps, batch 1")
+        print("\ntiny end to end, 20 steps, batch 1 (text encoders and VAE: torch, fake-quantized where encoded)")
         print(format_table(["backend", "images/s"], [[k, f"{v:.3f}"] for k, v in e2e.items()]))
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / f"backends-{stamp}.json"
@@ -204,8 +207,8 @@ def main() -> int:
     return 0
 
 
-def end_to_end(images: int) -> dict[str, float]:
-    """Images/s of tiny through the SDXL pipeline: torch FP32 and ORT FP32 (the harness's real path)."""
+def end_to_end(images: int, unet: torch.nn.Module, inputs: tuple) -> dict[str, float]:
+    """Images/s of tiny through the one SDXL pipeline (the harness's real path) for every variant."""
     from backends.base import BackendOptions, create_backend
     from harness.latents import draw_latent
     from harness.models import load_tokenizers, model_spec
@@ -217,14 +220,19 @@ def end_to_end(images: int) -> dict[str, float]:
     ids = [tokenize(t, ["a photo of a cat"]) for t in tokenizers]
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as cache:
-        for name in ("torch", "ort"):
-            backend = create_backend(name, spec, BackendOptions(show_progress=False, extra={"cache_dir": cache}))
-            pipeline = SDXLPipeline(backend, spec, tokenizers)
+        files = {recipe: str(_calibrate(unet, recipe, inputs).save(Path(cache) / f"{recipe}.json"))
+                 for recipe in ("w8a8", "w8a16")}
+        variants = {"torch FP32": ("torch", None), "torch fake-quant (w8a8)": ("torch", files["w8a8"]),
+                    "ORT FP32": ("ort", None), "ORT INT8 (A8W8)": ("ort", files["w8a8"]),
+                    "ORT A16W8": ("ort", files["w8a16"])}
+        for name, (backend_name, encodings) in variants.items():
+            options = BackendOptions(show_progress=False, encodings=encodings, extra={"cache_dir": cache})
+            pipeline = SDXLPipeline(create_backend(backend_name, spec, options), spec, tokenizers)
             pipeline.generate(*ids, draw_latent(spec.latent_size))  # warm-up
             start = time.perf_counter()
             for _ in range(images):
                 pipeline.generate(*ids, draw_latent(spec.latent_size))
-            out[f"{name} FP32"] = images / (time.perf_counter() - start)
+            out[name] = images / (time.perf_counter() - start)
     return out
 
 

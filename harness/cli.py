@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 COMMAND_MODULES = ("harness.run_command", "calibration.commands", "accuracy.commands")
@@ -28,7 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_openmp_waits() -> None:
+    """Let idle OpenMP threads sleep instead of spin, unless the user chose (``OMP_WAIT_POLICY``).
+
+    GNU OpenMP's default spin-wait assumes every thread owns a core. Here it does not: the SUT runs
+    several workers that each open a torch thread team, ONNX Runtime keeps its own pool, and shared
+    machines have other load. A spinning team then waits on descheduled threads at every barrier:
+    on this project's 2-core machines a tiny-UNet call took 11-16 s instead of 0.5-2 s under load.
+    Set before the child processes (and their libgomp) start, so every LoadGen test inherits it.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_openmp_waits()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

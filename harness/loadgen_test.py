@@ -60,7 +60,7 @@ def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, 
                                   Path(config.audit_conf) if config.audit_conf else None,
                                   Overrides(config.time_s, config.count, config.qps))
     warmup_s = 0.0
-    if config.warmup:
+    if config.warmup and mode == "performance":  # accuracy runs time nothing
         started = time.time()
         sut.warmup()
         warmup_s = time.time() - started

@@ -83,18 +83,19 @@ class SDXLPipeline:
                 "time_ids": self._time_ids(2 * n, prompt_embeds.dtype)}
 
     def denoise(self, latent: torch.Tensor, conditioning: dict[str, torch.Tensor], n: int,
-                step_callback=None) -> torch.Tensor:
+                step_callback=None, max_steps: int | None = None) -> torch.Tensor:
         """Run the EulerDiscrete loop from the shared initial ``latent`` ``(1, 4, h, w)`` for ``n`` prompts.
 
         ``step_callback(step, t, latent_input, conditioning)``, when given, sees every UNet input
-        (calibration uses it to capture timestep-aware data).
+        (calibration uses it to capture timestep-aware data). ``max_steps`` stops the loop early: a
+        warm-up needs every kernel at every shape once, not the whole schedule.
         """
         scheduler = copy.deepcopy(self._scheduler)
         latents = latent.to(self.backend.device, self.backend.dtype).expand(n, -1, -1, -1)
         if not self.backend.runs_model:
             return latents  # the null backend measures the harness's overhead: no denoising math
         latents = latents * scheduler.init_noise_sigma
-        for step, t in enumerate(scheduler.timesteps):
+        for step, t in enumerate(scheduler.timesteps[:max_steps]):
             latent_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             if step_callback is not None:
                 step_callback(step, t, latent_input, conditioning)
@@ -109,9 +110,13 @@ class SDXLPipeline:
         images = self.backend.decode(latents / self.backend.vae_scaling_factor)
         return (images / 2 + 0.5).clamp(0, 1)
 
-    def generate(self, ids_1: torch.Tensor, ids_2: torch.Tensor, latent: torch.Tensor) -> np.ndarray:
-        """Token ids of ``N`` prompts and the shared latent -> ``(N, H, W, 3)`` uint8 images."""
+    def generate(self, ids_1: torch.Tensor, ids_2: torch.Tensor, latent: torch.Tensor,
+                 max_steps: int | None = None) -> np.ndarray:
+        """Token ids of ``N`` prompts and the shared latent -> ``(N, H, W, 3)`` uint8 images.
+
+        ``max_steps`` (warm-up only) decodes a partly denoised latent: not an MLPerf image.
+        """
         with torch.inference_mode():
             conditioning = self.conditioning(ids_1, ids_2)
-            latents = self.denoise(latent, conditioning, ids_1.shape[0])
+            latents = self.denoise(latent, conditioning, ids_1.shape[0], max_steps=max_steps)
             return images_to_uint8(self.decode(latents))

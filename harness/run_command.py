@@ -73,7 +73,7 @@ def register(subparsers) -> None:
     parser.add_argument("--statistics-path", help="FID statistics (MLPerf's val2014.npz) for the accuracy audit")
     parser.add_argument("--reference-run", help="after an accuracy run, compare its images with this run "
                                                 "directory or accuracy log (PSNR, SSIM, FID between sets)")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up of performance tests (2 steps per batch size)")
     parser.set_defaults(func=run_from_args)
 
 

@@ -87,7 +87,17 @@ def system_description() -> dict:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu_model": cpu_model(), "cpu_isa": cpu_isa(), "isa": isa_summary(), "cpu_count": _cpu_count(),
-            "gpu": gpu, "platform": platform.platform(), "versions": package_versions(), "git_commit": git_commit()}
+            "threading": threading_settings(), "gpu": gpu, "platform": platform.platform(), "versions": package_versions(), "git_commit": git_commit()}
+
+
+def threading_settings() -> dict:
+    """torch's intra-op threads and the environment that shapes them: figures depend on both."""
+    import os
+
+    import torch
+
+    names = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
+    return {"torch_threads": torch.get_num_threads(), **{name: os.environ.get(name) for name in names}}
 
 
 def _cpu_count() -> int:

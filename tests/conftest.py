@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("SDXL_BENCH_NO_PROGRESS", "1")
+# before any test module imports torch (libgomp reads it once): see harness.cli.quiet_openmp_waits
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_MLPERF = REPO.parent / "shared" / "mlperf"
@@ -47,3 +49,12 @@ def tiny_pipeline(tiny_backend, tiny_spec, tiny_tokenizers):
     from harness.pipeline import SDXLPipeline
 
     return SDXLPipeline(tiny_backend, tiny_spec, tiny_tokenizers)
+
+
+@pytest.fixture
+def no_weights(tmp_path, monkeypatch):
+    """Caches pointed at empty directories: no evaluation weights on this 'machine'."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))

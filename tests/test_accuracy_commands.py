@@ -26,15 +26,6 @@ SIZE = 64
 
 
 @pytest.fixture
-def no_weights(tmp_path, monkeypatch):
-    """Caches pointed at empty directories: no evaluation weights on this 'machine'."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-
-
-@pytest.fixture
 def runs(tmp_path):
     """A 'quantized' run and a 'reference' run of 3 images (+1 duplicate entry) sharing captions and latent."""
     captions = write_captions_tsv(tmp_path / "captions.tsv", 10)
