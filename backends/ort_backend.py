@@ -111,6 +111,8 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
 
     from .onnx_export import (EXTERNAL_DATA_BYTES, UNetForExport, export_onnx, initializer_bytes, remove_model,
                               save_model, unet_signature)
+    from calibration.fake_quant import validate_encodings
+
     from .qdq import QdqResult, apply_marks, check_no_marks
 
     path = directory / "unet.onnx"
@@ -123,6 +125,7 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
     if not entries:
         tensor_map.write_text(json.dumps(QdqResult().to_json(), indent=1) + "\n")
         return export_onnx(UNetForExport(unet), unet_signature(unet), path)  # atomic: the complete entry's mark
+    validate_encodings(unet, entries, "unet")  # clear errors first; adds the attention matmuls keys may name
     marked = directory / ".unet.marked.onnx"
     export_onnx(UNetForExport(unet), unet_signature(unet), marked, marks=entries.keys(), prefix="unet.")
     model = onnx.load(str(marked))

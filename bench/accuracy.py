@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from harness.system_info import peak_rss_mb, rss_mb  # noqa: E402
 
 
-def child(mode: str, log: str) -> dict:
+def child(mode: str, log: str, captions: str) -> dict:
     """Runs in a fresh process: one measurement."""
     import numpy as np
 
@@ -36,13 +36,20 @@ def child(mode: str, log: str) -> dict:
     base = rss_mb()
     start = time.perf_counter()
     if mode == "stream":
-        result = audit_log(log, options=AuditOptions(random_weights=True, missing="na"), evaluators=evaluators)
+        result = audit_log(log, dataset_path=captions, options=AuditOptions(random_weights=True, missing="na"),
+                           evaluators=evaluators)
         n = result["n_images"]
-    else:  # the reference's default: the whole JSON in memory, then decode every entry
+    else:  # the reference's default: the whole JSON in memory, decode every entry, then the same networks
+        import csv
+
+        with open(captions) as handle:
+            texts = [row["caption"] for row in csv.DictReader(handle, delimiter="\t")]
         with open(log) as handle:
             entries = json.load(handle)
         images = [np.frombuffer(bytes.fromhex(e["data"]), np.uint8).reshape(1024, 1024, 3) for e in entries]
-        evaluators.inception(images[:1])
+        for i in range(0, len(images), 8):
+            evaluators.inception(images[i:i + 8])
+            evaluators.clip(images[i:i + 8], [texts[e["qsl_idx"]] for e in entries[i:i + 8]])
         n = len(images)
     elapsed = time.perf_counter() - start
     return {"mode": mode, "images": n, "seconds": elapsed, "images_per_s": n / elapsed,
@@ -56,11 +63,18 @@ def make_log(path: Path, n: int) -> None:
         write_accuracy_log(path, ((i, random_images(1, 1024, seed=i)[0]) for i in range(n)))
 
 
+def make_captions(path: Path, n: int) -> None:
+    """A captions TSV in MLPerf's columns with one row per log entry (CLIP scores each against its row)."""
+    rows = ["id\timage_id\tcaption\theight\twidth\tfile_name\tcoco_url"]
+    rows += [f"{i}\t{i}\ta photo number {i}\t1024\t1024\tCOCO_val2014_{i:012d}.jpg\thttp://x/{i}.jpg" for i in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50])
     parser.add_argument("--workdir", default=str(REPO / "build" / "bench-accuracy"))
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
@@ -68,11 +82,13 @@ def main() -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
+    captions = workdir / "captions.tsv"
+    make_captions(captions, max(args.sizes))
     for n in args.sizes:
         log = workdir / f"log_{n}.json"
         make_log(log, n)
         for mode in ("stream", "whole-json"):
-            out = subprocess.run([sys.executable, __file__, "--child", mode, str(log)], check=True,
+            out = subprocess.run([sys.executable, __file__, "--child", mode, str(log), str(captions)], check=True,
                                  capture_output=True, text=True, env={"SDXL_BENCH_NO_PROGRESS": "1", **__import__("os").environ})
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]))

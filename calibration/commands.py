@@ -17,7 +17,7 @@ def register(subparsers) -> None:
                     "and write the encodings JSON, its AIMET 1.0.0 export and a per-layer SQNR report beside it.")
     parser.add_argument("--profile", default="tiny", help="model profile: tiny, sdxl-random or sdxl (default tiny)")
     parser.add_argument("--model-path", help="SDXL checkpoint directory (profile sdxl)")
-    parser.add_argument("--recipe", required=True, help="built-in recipe name (w8a8, w8a16, fp8, snpe-w8a8) or a recipe file")
+    parser.add_argument("--recipe", required=True, help="built-in recipe name (w8a8, w8a16, fp8, snpe-w8a8, w8a8-per-step, w8a8-mha, fp8-mha) or a recipe file")
     parser.add_argument("--calibration-captions", help="calibration captions (MLPerf's train2014 list or TSV); "
                                                        "tiny defaults to its built-in captions")
     parser.add_argument("--num-prompts", type=int, help="use the first N captions")
@@ -30,6 +30,29 @@ def register(subparsers) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from harness.cli import UserError
+
+    output = Path(args.output)
+    if output.suffix != ".json" or output.is_dir():
+        raise UserError(f"--output is the encodings file and must end in .json (got {args.output})")
+    encodings, written, reports = calibrate_to_file(
+        args.profile, args.model_path, args.recipe, output, calibration_captions=args.calibration_captions,
+        num_prompts=args.num_prompts, timesteps=args.timesteps, cache_dir=args.cache_dir,
+        sqnr_samples=args.sqnr_samples)
+    _print_summary(encodings, output, written, reports)
+    return 0
+
+
+def calibrate_to_file(profile: str, model_path: str | None, recipe_name: str, output: Path, *,
+                      calibration_captions: str | None = None, num_prompts: int | None = None,
+                      timesteps: str | None = None, cache_dir: str = "build/cache", sqnr_samples: int = 2,
+                      show_progress: bool = True):
+    """Load the FP32 model, capture, calibrate ``recipe_name``; write the encodings, AIMET export, SQNR report.
+
+    ``calibrate`` and ``run --recipe`` (which calibrates once, before its LoadGen tests, into the run
+    directory) share it. Returns ``(encodings, {component: aimet path}, sqnr reports)``; bad recipes or
+    calibration inputs raise :class:`harness.cli.UserError`.
+    """
+    from harness.cli import UserError
     from harness.models import load_components, model_spec
 
     from .aimet_export import export_aimet
@@ -38,21 +61,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from .recipes import load_recipe
     from .sizes import total_size
 
-    output = Path(args.output)
-    if output.suffix != ".json" or output.is_dir():
-        raise UserError(f"--output is the encodings file and must end in .json (got {args.output})")
     started = time.time()
     try:
-        recipe = load_recipe(args.recipe)
-        spec = model_spec(args.profile, args.model_path)
+        recipe = load_recipe(recipe_name)
+        spec = model_spec(profile, model_path)
         components = load_components(spec)
-        data = capture_for(components, recipe, args.calibration_captions, args.num_prompts, args.timesteps,
-                           args.cache_dir, free_text_encoders=True)
-        encodings = calibrate_components(components, recipe, apply=False, data=data)
+        data = capture_for(components, recipe, calibration_captions, num_prompts, timesteps, cache_dir,
+                           free_text_encoders=True, show_progress=show_progress)
+        encodings = calibrate_components(components, recipe, apply=False, data=data, show_progress=show_progress)
     except (EncodingsError, CalibrationDataError) as exc:
         raise UserError(str(exc)) from None
     reports = []
-    if args.sqnr_samples > 0:
+    if sqnr_samples > 0:
         from .fake_quant import apply_encodings
         from .sqnr import sqnr_report
 
@@ -62,17 +82,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 continue
             reports.append(sqnr_report(module, name, entries, forward_loop_for(name, data, components),
                                        lambda m=module, e=entries, n=name: apply_encodings(m, e, n),
-                                       samples=args.sqnr_samples, block_level=spec.image_size >= 1024))
+                                       samples=sqnr_samples, block_level=spec.image_size >= 1024))
     encodings.calibration["seconds"] = round(time.time() - started, 1)
     encodings.size["total"] = total_size({k: v for k, v in encodings.size.items() if k != "total"})
+    output.parent.mkdir(parents=True, exist_ok=True)
     encodings.save(output)
     written = export_aimet(encodings, output)
     if reports:
         from .sqnr import write_report
 
         write_report(reports, output.with_suffix(".sqnr.csv"), output.with_suffix(".sqnr.png"))
-    _print_summary(encodings, output, written, reports)
-    return 0
+    return encodings, written, reports
 
 
 def _print_summary(encodings, output: Path, written: dict, reports: list) -> None:

@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .context import current_timestep, set_timestep
+from .attention import add_attention_matmuls, names_attention_matmuls
+from .context import TimestepFromArgument, current_timestep
 from .encodings import Encoding, Encodings, EncodingsError, parse_key
 from .quantizers import QParams, fake_quantize
 
@@ -35,7 +36,13 @@ def _channel_axis_size(module: torch.nn.Module, kind: str, axis: int) -> int | N
 
 
 def validate_encodings(module: torch.nn.Module, entries: Entries, where: str = "encodings") -> None:
-    """Check every key names a module of ``module`` and every per-channel shape fits; raise naming the key."""
+    """Check every key names a module of ``module`` and every per-channel shape fits; raise naming the key.
+
+    Keys naming attention matmuls (``...attn1.bmm_qk:input[0]``) first give ``module`` those modules
+    (:func:`calibration.attention.add_attention_matmuls`): they are part of the model the keys describe.
+    """
+    if names_attention_matmuls(parse_key(key)[0] for key in entries):
+        add_attention_matmuls(module)
     modules = dict(module.named_modules())
     for key, value in entries.items():
         name, kind, index = parse_key(key)
@@ -99,19 +106,10 @@ class FakeQuantHandle:
         self.handles.clear()
 
 
-def _timestep_pre_hook(module, args, kwargs):
-    """Read the UNet's ``timestep`` argument into the calibration context (for timestep-ranged entries)."""
-    t = args[1] if len(args) > 1 else kwargs.get("timestep")
-    if isinstance(t, torch.Tensor) and t.numel() >= 1:
-        set_timestep(int(t.reshape(-1)[0]))
-    elif isinstance(t, (int, float)):
-        set_timestep(int(t))
-
-
-def _input_hook(quantizer: _Quantizer):
+def _input_hook(quantizer: _Quantizer, index: int):
     def hook(module, args):
-        if args and isinstance(args[0], torch.Tensor):
-            return (quantizer(args[0]),) + tuple(args[1:])
+        if len(args) > index and isinstance(args[index], torch.Tensor):
+            return args[:index] + (quantizer(args[index]),) + args[index + 1:]
         return None
     return hook
 
@@ -130,7 +128,7 @@ def apply_encodings(module: torch.nn.Module, entries: Entries, component: str = 
     handle = FakeQuantHandle(component, sorted(entries))
     ranged = False
     for key, value in sorted(entries.items()):
-        name, kind, _ = parse_key(key)
+        name, kind, index = parse_key(key)
         target = modules[name]
         quantizer = _Quantizer(value)
         ranged |= isinstance(value, list)
@@ -138,11 +136,11 @@ def apply_encodings(module: torch.nn.Module, entries: Entries, component: str = 
             with torch.no_grad():
                 target.weight.copy_(quantizer(target.weight))
         elif kind == "input":
-            handle.handles.append(target.register_forward_pre_hook(_input_hook(quantizer)))
+            handle.handles.append(target.register_forward_pre_hook(_input_hook(quantizer, index)))
         else:
             handle.handles.append(target.register_forward_hook(_output_hook(quantizer)))
     if ranged:
-        handle.handles.append(module.register_forward_pre_hook(_timestep_pre_hook, with_kwargs=True))
+        handle.handles.extend(TimestepFromArgument().register(module))
     return handle
 
 

@@ -328,16 +328,22 @@ class TimestepKeyedObserver(Observer):
 
     ``combine`` folds the per-step ranges into one: ``union`` (min of lows, max of highs), ``mean``
     (mean over steps; modelopt's ``mean-max``), ``min-mean`` (modelopt's: narrowest absolute range).
-    ``per_step_ranges`` exposes the individual ranges for timestep-ranged encodings.
+    ``ranged`` keeps them apart: :meth:`grouped_ranges` gives one range per group of consecutive
+    steps, which ``quantize()`` writes as timestep-ranged encodings (a step-dependent scale, as
+    TDQ and Intel's per-step FP8 scales; activation ranges of a diffusion UNet drift by an order of
+    magnitude between t = 951 and t = 1).
     """
 
     kind = "timestep"
+    COMBINES = ("union", "mean", "min-mean", "ranged")
 
-    def __init__(self, factory: Callable[[], Observer], combine: str = "union"):
+    def __init__(self, factory: Callable[[], Observer], combine: str = "union", groups: int | None = None):
         super().__init__(None)
-        if combine not in ("union", "mean", "min-mean"):
-            raise ValueError(f"unknown timestep combine {combine!r}; use union, mean or min-mean")
-        self.factory, self.combine = factory, combine
+        if combine not in self.COMBINES:
+            raise ValueError(f"unknown timestep combine {combine!r}; use {', '.join(self.COMBINES)}")
+        if groups is not None and (combine != "ranged" or not isinstance(groups, int) or groups < 1):
+            raise ValueError("timestep_groups needs per_timestep: ranged and a positive integer")
+        self.factory, self.combine, self.groups = factory, combine, groups
         self.per_step: dict[int, Observer] = {}
 
     def update(self, x: torch.Tensor) -> None:
@@ -359,15 +365,45 @@ class TimestepKeyedObserver(Observer):
         if not ranges:
             raise RuntimeError("observer saw no data")
         los, his = torch.stack([r[0] for r in ranges]), torch.stack([r[1] for r in ranges])
-        if self.combine == "union":
+        if self.combine in ("union", "ranged"):
             return los.amin(0), his.amax(0)
         if self.combine == "mean":
             return los.mean(0), his.mean(0)
         return los.amax(0), his.amin(0)
 
+    def grouped_ranges(self, fmt: QFormat, symmetric: bool) -> list[tuple[tuple[int, int], Range]]:
+        """``[((t_lo, t_hi), (min, max)), ...]``, noisiest group first, the groups tiling [0, max step].
+
+        The observed steps, noisiest first, are cut into ``groups`` runs of consecutive steps (all
+        steps apart when ``groups`` is unset); a group's range is the union of its steps' ranges
+        (exact for min-max). Each group also owns the unobserved timesteps below it down to the next
+        group, and the last one reaches 0, so a schedule with other steps still finds an encoding.
+        """
+        per_step = self.per_step_ranges(fmt, symmetric)
+        if -1 in per_step:
+            raise RuntimeError("per_timestep: ranged saw data outside a timestep context: the forward loop must "
+                               "run each batch under calibration.context.timestep(t)")
+        if not per_step:
+            raise RuntimeError("observer saw no data")
+        steps = sorted(per_step, reverse=True)
+        n = min(self.groups or len(steps), len(steps))
+        bounds = [round(i * len(steps) / n) for i in range(n + 1)]
+        out, upper = [], steps[0]
+        for g in range(n):
+            members = steps[bounds[g]:bounds[g + 1]]
+            lower = 0 if g == n - 1 else members[-1]
+            los = torch.stack([per_step[t][0] for t in members])
+            his = torch.stack([per_step[t][1] for t in members])
+            out.append(((lower, upper), (los.amin(0), his.amax(0))))
+            upper = lower - 1
+        return out
+
     def describe(self) -> dict[str, Any]:
         inner = next(iter(self.per_step.values())).describe() if self.per_step else {}
-        return {"kind": self.kind, "combine": self.combine, "steps": len(self.per_step), "observer": inner}
+        out = {"kind": self.kind, "combine": self.combine, "steps": len(self.per_step), "observer": inner}
+        if self.groups is not None:
+            out["groups"] = self.groups
+        return out
 
 
 def make_observer(spec: dict[str, Any] | str, axis: int | None) -> Observer:
@@ -377,13 +413,16 @@ def make_observer(spec: dict[str, Any] | str, axis: int | None) -> Observer:
     spec = dict(spec)
     kind = spec.pop("kind", "minmax")
     per_timestep = spec.pop("per_timestep", None)
+    groups = spec.pop("timestep_groups", None)
     if kind not in OBSERVERS:
         raise ValueError(f"unknown observer {kind!r}; choose one of {', '.join(OBSERVERS)}")
     cls = OBSERVERS[kind]
     try:
         if per_timestep:
             cls(axis, **spec)  # validate the arguments now, not at the first batch
-            return TimestepKeyedObserver(lambda: cls(axis, **spec), combine=per_timestep)
+            return TimestepKeyedObserver(lambda: cls(axis, **spec), combine=per_timestep, groups=groups)
+        if groups is not None:
+            raise ValueError("timestep_groups needs per_timestep: ranged")
         return cls(axis, **spec)
     except TypeError as exc:
         raise ValueError(f"bad arguments for observer {kind!r}: {exc}") from None

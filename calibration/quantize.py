@@ -17,8 +17,9 @@ from typing import Callable
 
 import torch
 
+from .attention import add_attention_matmuls
 from .encodings import Encoding, Encodings, tensor_key
-from .observers import Observer, make_observer
+from .observers import Observer, Range, TimestepKeyedObserver, make_observer
 from .quantizers import qparams_from_range
 from .recipes import LayerPlan, QuantizerSpec, Recipe, RecipeError, load_recipe
 from .sizes import model_size
@@ -26,27 +27,37 @@ from .sizes import model_size
 log = logging.getLogger(__name__)
 
 ForwardLoop = Callable[[torch.nn.Module], None]
+TIMESTEP_KEYS = ("per_timestep", "timestep_groups")  # observer options that weights (data-free) ignore
 
 
-def _encoding(observer: Observer, spec: QuantizerSpec, axis: int | None) -> Encoding:
-    lo, hi = observer.compute_range(spec.grid, spec.symmetric)
+def _encoding(observer: Observer, spec: QuantizerSpec, axis: int | None, rng: Range | None = None,
+              timesteps: tuple[int, int] | None = None) -> Encoding:
+    lo, hi = rng if rng is not None else observer.compute_range(spec.grid, spec.symmetric)
     qp = qparams_from_range(lo, hi, spec.grid, spec.symmetric, axis=axis if lo.numel() > 1 else None)
     # the calibrated (pre-nudging) range is kept so later methods can re-derive other bit widths
     provenance = {**observer.describe(), "range_min": [float(v) for v in lo], "range_max": [float(v) for v in hi]}
-    return Encoding.from_qparams(qp, observer=provenance)
+    return Encoding.from_qparams(qp, observer=provenance, timesteps=timesteps)
+
+
+def activation_encoding(observer: Observer, spec: QuantizerSpec, axis: int | None) -> Encoding | list[Encoding]:
+    """One encoding, or with ``per_timestep: ranged`` a list of timestep-ranged ones (noisiest first)."""
+    if isinstance(observer, TimestepKeyedObserver) and observer.combine == "ranged":
+        return [_encoding(observer, spec, axis, rng, steps)
+                for steps, rng in observer.grouped_ranges(spec.grid, spec.symmetric)]
+    return _encoding(observer, spec, axis)
 
 
 def weight_encoding(plan: LayerPlan) -> Encoding:
     """The weight quantizer of one layer, straight from the weight tensor."""
     spec = plan.weights
     axis = spec.resolved_axis(plan.module, "weights")
-    observer = make_observer({k: v for k, v in spec.observer.items() if k != "per_timestep"}, axis)
+    observer = make_observer({k: v for k, v in spec.observer.items() if k not in TIMESTEP_KEYS}, axis)
     observer.update(plan.module.weight)
     return _encoding(observer, spec, axis)
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    x = args[0] if args else kwargs.get("input", kwargs.get("hidden_states"))
+def _input_tensor(args: tuple, kwargs: dict, index: int) -> torch.Tensor | None:
+    x = args[index] if len(args) > index else (kwargs.get("input", kwargs.get("hidden_states")) if index == 0 else None)
     return x if isinstance(x, torch.Tensor) else None
 
 
@@ -59,9 +70,11 @@ class ActivationObservers:
         for plan in plans:
             if plan.inputs is not None:
                 axis = plan.inputs.resolved_axis(plan.module, "inputs")
-                obs = make_observer(plan.inputs.observer, axis)
-                self.observers[tensor_key(plan.name, "input")] = (obs, plan.inputs, axis)
-                self._handles.append(plan.module.register_forward_pre_hook(self._pre_hook(obs), with_kwargs=True))
+                for index in range(getattr(plan.module, "quantized_inputs", 1)):  # MatMul: both operands
+                    obs = make_observer(plan.inputs.observer, axis)
+                    self.observers[tensor_key(plan.name, "input", index)] = (obs, plan.inputs, axis)
+                    self._handles.append(plan.module.register_forward_pre_hook(self._pre_hook(obs, index),
+                                                                               with_kwargs=True))
             if plan.outputs is not None:
                 axis = plan.outputs.resolved_axis(plan.module, "outputs")
                 obs = make_observer(plan.outputs.observer, axis)
@@ -69,9 +82,9 @@ class ActivationObservers:
                 self._handles.append(plan.module.register_forward_hook(self._post_hook(obs)))
 
     @staticmethod
-    def _pre_hook(obs: Observer):
+    def _pre_hook(obs: Observer, index: int):
         def hook(module, args, kwargs):
-            x = _first_tensor(args, kwargs)
+            x = _input_tensor(args, kwargs, index)
             if x is not None:
                 obs.update(x)
         return hook
@@ -88,13 +101,13 @@ class ActivationObservers:
             handle.remove()
         self._handles.clear()
 
-    def encodings(self) -> dict[str, Encoding]:
+    def encodings(self) -> dict[str, Encoding | list[Encoding]]:
         out = {}
         for key, (obs, spec, axis) in self.observers.items():
             if obs.count == 0:
                 log.warning("%s never ran during calibration; left in high precision", key)
                 continue
-            out[key] = _encoding(obs, spec, axis)
+            out[key] = activation_encoding(obs, spec, axis)
         return out
 
 
@@ -102,6 +115,8 @@ def quantize(module: torch.nn.Module, recipe: Recipe | str | dict, forward_loop:
              component: str = "model", apply: bool = True) -> Encodings:
     """Calibrate ``module`` with ``recipe`` over ``forward_loop(module)``; return (and by default apply) encodings."""
     recipe = load_recipe(recipe)
+    if "MatMul" in recipe.types:
+        add_attention_matmuls(module)
     plans, excluded = recipe.plan(module)
     if not plans:
         raise RecipeError(f"{recipe.source}: matches no {'/'.join(recipe.types)} module of {component}")

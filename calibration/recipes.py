@@ -5,7 +5,8 @@ their stem (``--recipe w8a8``), any other path is read as is. A new scheme is a 
 Fields (all checked on load, errors name the file and key):
 
 ``name``, ``description``; ``components`` (default set calibrated from the pipeline); ``types``
-(module classes, default ``[Conv2d, Linear]``); ``weights`` / ``inputs`` / ``outputs``: a quantizer
+(module classes, default ``[Conv2d, Linear]``; ``MatMul`` adds the attention matmuls Q·Kᵀ and
+softmax·V, both inputs quantized by ``inputs``, see :mod:`calibration.attention`); ``weights`` / ``inputs`` / ``outputs``: a quantizer
 ``{dtype, symmetric, axis, observer, reduce_range}`` or ``null`` (off); ``exclude``: module-name patterns kept in
 high precision; ``overrides``: ``[{match: [patterns], weights|inputs|outputs: {...} | null}]`` applied
 in order; ``calibration``: defaults for the capture (``timesteps``, ``num_prompts``).
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .attention import MatMul
 from .encodings import EncodingsError
 from .formats import get_format
 from .observers import make_observer
@@ -37,7 +39,7 @@ TOP_LEVEL_KEYS = {"name", "description", "components", "types", "weights", "inpu
                   "overrides", "calibration"}
 QUANTIZER_KEYS = {"dtype", "symmetric", "axis", "observer", "reduce_range"}
 SLOTS = ("weights", "inputs", "outputs")
-MODULE_TYPES = {"Conv2d": torch.nn.Conv2d, "Linear": torch.nn.Linear, "Conv1d": torch.nn.Conv1d}
+MODULE_TYPES = {"Conv2d": torch.nn.Conv2d, "Linear": torch.nn.Linear, "Conv1d": torch.nn.Conv1d, "MatMul": MatMul}
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 

@@ -47,7 +47,13 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     parser.add_argument("--backend", default="torch", help="null, torch (alias pytorch), ... (default torch)")
     parser.add_argument("--encodings", help="quantization encodings JSON (fake-quant / quantized backends)")
-    parser.add_argument("--recipe", help="quantization recipe name or file (calibrates first, with the cache)")
+    parser.add_argument("--recipe", help="quantization recipe name or file: calibrated once before the LoadGen tests "
+                                         "(capture cached under --cache-dir) into <run>/encodings.json")
+    parser.add_argument("--calibration-captions", help="with --recipe: calibration captions (MLPerf's train2014 list "
+                                                       "or TSV; tiny defaults to its built-in captions)")
+    parser.add_argument("--num-prompts", type=int, help="with --recipe: calibrate on the first N captions")
+    parser.add_argument("--timesteps", help="with --recipe: all | single | uniform:K | list:951,901,... "
+                                            "(default: the recipe's, else all)")
     parser.add_argument("--ep", choices=("cpu", "qnn"),
                         help="ONNX Runtime execution provider for --backend ort (default cpu; qnn: the Hexagon HTP, "
                              "emulated on x86, needs the [qnn] extra)")
@@ -90,8 +96,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.backend in ("ort", "onnxruntime") and (args.dtype != "fp32" or args.device != "cpu"):
         raise UserError("--backend ort runs fp32 ONNX graphs on the CPU (quantized ones with --encodings); "
                         f"got --dtype {args.dtype} --device {args.device}")
-    for name in ("max_batchsize", "threads"):
-        if getattr(args, name) < 1:
+    calibration = {k: getattr(args, k) for k in ("calibration_captions", "num_prompts", "timesteps")
+                   if getattr(args, k) is not None}
+    if calibration and not args.recipe:
+        raise UserError("--" + next(iter(calibration)).replace("_", "-") + " applies to --recipe only")
+    if args.recipe and args.encodings:
+        raise UserError("give --encodings (calibrated already) or --recipe (calibrate now), not both")
+    if args.recipe and args.backend == "null":
+        raise UserError("--recipe needs a model backend (torch or ort), not null")
+    for name in ("max_batchsize", "threads", "num_prompts"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     timestamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = args.output or f"results/{timestamp}-{args.profile}-{args.backend}-{args.scenario}"
@@ -102,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      qps=args.qps, max_batchsize=args.max_batchsize, threads=args.threads, output=output,
                      save_images=args.save_images, warmup=args.warmup, cache_dir=args.cache_dir,
                      statistics_path=args.statistics_path, reference_run=args.reference_run,
-                     backend_extra={"ep": args.ep} if args.ep else {})
+                     calibration=calibration, backend_extra={"ep": args.ep} if args.ep else {})
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -171,6 +185,13 @@ def execute_run(config: RunConfig) -> RunRecord:
     config.dataset_path = str(captions.path)
     record = RunRecord.start(run_dir, config, spec, captions, latent, non_compliance_reasons(config, spec, captions, latent))
     try:
+        if config.recipe and not config.encodings:
+            result = _calibrate_in_child(config, run_dir / "encodings.json")
+            record.data["calibration"] = result
+            if result.get("error"):
+                record.finish("failed", f"calibration: {result['error']}")
+                return record
+            config.encodings = record.data["backend"]["encodings"] = result["encodings"]
         for mode in config.modes:
             result = _run_test_in_child(config, mode, run_dir / mode)
             record.add_test(result)
@@ -196,12 +217,38 @@ def execute_run(config: RunConfig) -> RunRecord:
 
 
 def _run_test_in_child(config: RunConfig, mode: str, test_dir: Path) -> dict[str, Any]:
-    """Run one LoadGen test in a spawned process; its result dict, or ``{"error": ...}``."""
+    """Run one LoadGen test in a child process; its result dict, or one with ``error``."""
+    from .loadgen_test import run_loadgen_test
+
     test_dir.mkdir(parents=True, exist_ok=True)
+    result = _call_in_child(f"loadgen-{mode}", run_loadgen_test, config, mode, test_dir)
+    return {"scenario": config.scenario, "mode": mode, "dir": str(test_dir), **result} if "error" in result else result
+
+
+def _calibrate_in_child(config: RunConfig, output: Path) -> dict[str, Any]:
+    """``--recipe``: calibrate once, before the tests, so every test process loads the same encodings file."""
+    return _call_in_child("calibrate", calibrate_for_run, config, output)
+
+
+def calibrate_for_run(config: RunConfig, output: Path) -> dict[str, Any]:
+    """Child side of ``--recipe``: encodings + AIMET export in the run directory; a summary for ``run.json``."""
+    from calibration.commands import calibrate_to_file
+
+    from .progress import progress_enabled
+
+    encodings, _, _ = calibrate_to_file(config.profile, config.model_path, config.recipe, output, sqnr_samples=0,
+                                        cache_dir=config.cache_dir, show_progress=progress_enabled(),
+                                        **config.calibration)
+    return {"recipe": config.recipe, "encodings": str(output), "quantizers": encodings.num_quantizers(),
+            "seconds": encodings.calibration.get("seconds"), "size": encodings.size.get("total"),
+            **{k: v for k, v in config.calibration.items()}}
+
+
+def _call_in_child(name: str, function, *args) -> dict[str, Any]:
+    """``function(*args)`` in a process forked from the forkserver; its dict result, or ``{"error": ...}``."""
     context = _child_context()
     parent_end, child_end = context.Pipe(duplex=False)
-    process = context.Process(target=_child_main, args=(config, mode, str(test_dir), child_end),
-                              name=f"loadgen-{mode}")
+    process = context.Process(target=_child_main, args=(function, args, child_end), name=name)
     process.start()
     child_end.close()
     try:
@@ -209,12 +256,11 @@ def _run_test_in_child(config: RunConfig, mode: str, test_dir: Path) -> dict[str
     except EOFError:
         result = None
     except KeyboardInterrupt:
-        process.join(timeout=60)  # the child aborts its SUT and lets LoadGen finish its logs
+        process.join(timeout=60)  # a LoadGen child aborts its SUT and lets LoadGen finish its logs
         raise
     process.join()
     if result is None:
-        result = {"scenario": config.scenario, "mode": mode, "dir": str(test_dir),
-                  "error": f"the test process died (exit code {process.exitcode})"}
+        result = {"error": f"the {name} process died (exit code {process.exitcode})"}
     return result
 
 
@@ -233,16 +279,19 @@ def _child_context():
     return context
 
 
-def _child_main(config: RunConfig, mode: str, test_dir: str, conn) -> None:
+def _child_main(function, args: tuple, conn) -> None:
     try:
-        from .loadgen_test import run_loadgen_test
-
-        result = run_loadgen_test(config, mode, Path(test_dir))
+        result = function(*args)
     except KeyboardInterrupt:
-        result = {"scenario": config.scenario, "mode": mode, "dir": test_dir, "error": "interrupted"}
+        result = {"error": "interrupted"}
     except BaseException as exc:  # noqa: BLE001 -- reported to the parent, which fails the run
-        traceback.print_exc()
-        result = {"scenario": config.scenario, "mode": mode, "dir": test_dir, "error": f"{type(exc).__name__}: {exc}"}
+        from .cli import UserError
+
+        if isinstance(exc, UserError):  # a bad input found late (e.g. a recipe's key): its one line is the report
+            result = {"error": str(exc)}
+        else:
+            traceback.print_exc()
+            result = {"error": f"{type(exc).__name__}: {exc}"}
     try:
         conn.send(result)
     finally:

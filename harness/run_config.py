@@ -35,6 +35,7 @@ class RunConfig:
     cache_dir: str = "build/cache"
     statistics_path: str | None = None  # FID reference statistics (val2014.npz) for the accuracy audit
     reference_run: str | None = None  # run directory / log to measure fidelity against (compare)
+    calibration: dict = field(default_factory=dict)  # --recipe: calibration_captions, num_prompts, timesteps
     backend_extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

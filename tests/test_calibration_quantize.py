@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -150,3 +151,128 @@ def test_timestep_ranged_encodings_follow_the_unet_timestep():
     high, low = model(x, torch.tensor(951)), model(x, torch.tensor(1))
     assert torch.all(torch.remainder(high / 0.5, 1) == 0)
     assert low.abs().max() <= 0.128 + 1e-6  # saturated at the fine range
+
+
+def _drifting_data(seed=0):
+    """Inputs 8x larger at the noisy steps (951, 901) than at the quiet ones (51, 1), as a UNet's drift."""
+    g = torch.Generator().manual_seed(seed)
+    return {t: torch.randn(2, 3, 8, 8, generator=g) * (8.0 if t > 500 else 1.0) for t in (951, 901, 51, 1)}
+
+
+def _calibrated_toy(per_timestep: str, groups: int | None = None):
+    from calibration.context import timestep
+
+    torch.manual_seed(0)
+    model = Toy().eval()
+    observer = {"kind": "minmax", "per_timestep": per_timestep}
+    if groups is not None:
+        observer["timestep_groups"] = groups
+    recipe = {"name": "ranged", "weights": None, "exclude": [],
+              "inputs": {"dtype": "uint8", "symmetric": False, "observer": observer}}
+    data = _drifting_data()
+
+    def forward_loop(module):
+        for t, x in data.items():
+            with timestep(t):
+                module(x)
+    reference = copy.deepcopy(model)
+    encodings = quantize(model, recipe, forward_loop)
+    return model, reference, encodings, data
+
+
+def test_timestep_ranged_encodings_tile_the_steps_and_beat_one_range_where_activations_drift():
+    from calibration.context import current_timestep
+    from calibration.quantizers import sqnr_db
+
+    ranged, reference, encodings, data = _calibrated_toy("ranged", groups=2)
+    union, _, union_encodings, _ = _calibrated_toy("union")
+    entries = encodings.components["model"]
+    groups = entries["conv_in:input[0]"]
+    assert isinstance(groups, list) and [e.timesteps for e in groups] == [(901, 951), (0, 900)]
+    loud = torch.cat([data[951], data[901]])
+    quiet = torch.cat([data[51], data[1]])
+    # each group's calibrated range is the min-max of its own steps' data
+    for group, x in zip(groups, (loud, quiet)):
+        assert group.observer["range_min"] == [float(x.min())] and group.observer["range_max"] == [float(x.max())]
+
+    def out_sqnr(model, t, x=None):
+        x = data[t] if x is None else x
+        with torch.inference_mode():
+            return sqnr_db(reference(x), model(x, torch.tensor([t])))
+    # the quiet step quantized with its own range gains ~18 dB (8x finer steps); the loud steps keep the
+    # union's range (their data holds its extremes)
+    assert out_sqnr(ranged, 1) > out_sqnr(union, 1) + 12
+    assert groups[0].scale == union_encodings.components["model"]["conv_in:input[0]"].scale
+    # a timestep no group observed (here 500) belongs to the group below the one above it: the quiet one
+    assert out_sqnr(ranged, 500, data[1]) == out_sqnr(ranged, 1)
+    assert current_timestep() is None  # each call's step is scoped to it: nothing leaks into later calibration
+
+    # the file round-trips with its ranges
+    from calibration.encodings import Encodings
+    again = Encodings.from_json(json.loads(json.dumps(encodings.to_json())))
+    assert [e.timesteps for e in again.components["model"]["conv_in:input[0]"]] == [(901, 951), (0, 900)]
+
+
+def test_timestep_ranged_needs_timesteps_and_groups_need_ranged():
+    with pytest.raises(RecipeError, match="timestep_groups needs per_timestep: ranged"):
+        load_recipe({"name": "x", "inputs": {"dtype": "uint8", "observer": {"kind": "minmax", "timestep_groups": 2}}})
+    torch.manual_seed(0)
+    recipe = {"name": "x", "weights": None, "exclude": [],
+              "inputs": {"dtype": "uint8", "observer": {"kind": "minmax", "per_timestep": "ranged"}}}
+    with pytest.raises(RuntimeError, match="outside a timestep context"):
+        quantize(Toy().eval(), recipe, _loop([torch.randn(1, 3, 8, 8)]))
+
+
+def _tiny_unet_call(tiny_backend):
+    from backends.onnx_export import unet_signature
+
+    sample, timestep, states, text_embeds, time_ids = unet_signature(tiny_backend.unet, batch=2).example_inputs
+
+    def call(unet, scale=1.0):
+        with torch.inference_mode():
+            return unet(sample * scale, timestep[0], encoder_hidden_states=states,
+                        added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+    return call
+
+
+def test_attention_matmuls_equal_diffusers_sdpa(tiny_backend):
+    from diffusers.models.attention_processor import Attention
+
+    from calibration.attention import add_attention_matmuls
+
+    call = _tiny_unet_call(tiny_backend)
+    unet = copy.deepcopy(tiny_backend.unet)
+    fused = call(unet)
+    attentions = sum(isinstance(m, Attention) for m in unet.modules())
+    assert add_attention_matmuls(unet) == attentions > 0 and add_attention_matmuls(unet) == 0  # idempotent
+    explicit = call(unet)
+    assert torch.allclose(explicit, fused, atol=1e-5, rtol=1e-4), (explicit - fused).abs().max()
+
+
+def test_mha_recipe_quantizes_both_operands_of_both_attention_matmuls(tiny_backend):
+    """``fp8-mha``: Q, Kᵀ, softmax probabilities and V of every attention get an e4m3 quantizer."""
+    from diffusers.models.attention_processor import Attention
+
+    from calibration.quantizers import sqnr_db
+
+    call = _tiny_unet_call(tiny_backend)
+    unet = copy.deepcopy(tiny_backend.unet)
+    attentions = [n for n, m in unet.named_modules() if isinstance(m, Attention)]
+    encodings = quantize(unet, "fp8-mha", lambda m: [call(m, s) for s in (1.0, 0.5)], component="unet", apply=False)
+    entries = encodings.components["unet"]
+    for name in attentions:
+        for matmul in ("bmm_qk", "bmm_pv"):
+            assert {f"{name}.{matmul}:input[0]", f"{name}.{matmul}:input[1]"} <= entries.keys(), name
+        # the softmax probabilities: within [0, 1], so their absmax is at most 1 (e4m3: scale = amax / 448)
+        probs = entries[f"{name}.bmm_pv:input[0]"]
+        assert probs.dtype == "float8e4m3fn" and 0 < probs.scale[0] * 448 <= 1 + 1e-6
+    assert not any(k.startswith(tuple(f"{n}.bmm_" for n in attentions)) and ":weight" in k for k in entries)
+
+    # a fresh FP32 model takes the file's keys: the matmul modules are added on the way in
+    fresh = copy.deepcopy(tiny_backend.unet)
+    apply_encodings(fresh, entries, "unet")
+    fp32, quantized = call(tiny_backend.unet), call(fresh)
+    without_mha = copy.deepcopy(tiny_backend.unet)
+    apply_encodings(without_mha, {k: v for k, v in entries.items() if ".bmm_" not in k}, "unet")
+    # e4m3 keeps ~3 mantissa bits: the attention quantizers cost SQNR, but the model still tracks FP32
+    assert 10 < sqnr_db(fp32, quantized) < sqnr_db(fp32, call(without_mha)), (sqnr_db(fp32, quantized))

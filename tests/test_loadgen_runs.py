@@ -67,6 +67,9 @@ def test_tiny_offline_performance_and_accuracy(tmp_path, capsys):
     (["--max-batchsize", "0"], "--max-batchsize must be >= 1"),
     (["--ep", "qnn"], "--ep qnn applies to --backend ort only"),
     (["--backend", "ort", "--dtype", "fp16"], "--backend ort runs fp32 ONNX graphs on the CPU"),
+    (["--timesteps", "single"], "--timesteps applies to --recipe only"),
+    (["--recipe", "w8a8", "--encodings", "e.json"], "not both"),
+    (["--recipe", "w8a8", "--num-prompts", "0"], "--num-prompts must be >= 1"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, capsys, flags, message):
     assert main(["run", "--output", str(tmp_path / "run"), *flags]) == 2
