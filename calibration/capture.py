@@ -143,11 +143,10 @@ class CalibrationData:
 
     def conditioning(self, chunk: int) -> dict[str, torch.Tensor]:
         """The UNet conditioning of one chunk's CFG batch (negative rows first, as the pipeline)."""
+        from harness.pipeline import cfg_conditioning
+
         neg, pos = self._load("negative.safetensors"), self._load(f"embeds-{chunk:05d}.safetensors")
-        n = pos["prompt_embeds"].shape[0]
-        return {"prompt_embeds": torch.cat([neg["prompt_embeds"].expand(n, -1, -1), pos["prompt_embeds"]]),
-                "text_embeds": torch.cat([neg["text_embeds"].expand(n, -1), pos["text_embeds"]]),
-                "time_ids": neg["time_ids"].expand(2 * n, -1).contiguous()}
+        return cfg_conditioning(neg, pos["prompt_embeds"], pos["text_embeds"])
 
     def unet_samples(self) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
         """``(t, latent_input (2n,4,h,w), conditioning)`` for every chunk and captured step."""
@@ -267,9 +266,7 @@ def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str 
     # phase 1: text encoders for every prompt (cheap), so they can be freed before the UNet loop
     with torch.inference_mode():
         if not (directory / "negative.safetensors").is_file():
-            neg_embeds, neg_pooled = pipeline._negative_embeddings()
-            _save({"prompt_embeds": neg_embeds, "text_embeds": neg_pooled,
-                   "time_ids": pipeline._time_ids(1, neg_embeds.dtype)}, directory / "negative.safetensors")
+            _save(pipeline.negative_conditioning(), directory / "negative.safetensors")
         for index in progress(range(len(chunks)), desc="encoding calibration prompts", disable=not show_progress):
             if index in manifest["encoded"]:
                 continue

@@ -41,6 +41,18 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
     return scaled.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def cfg_conditioning(negative: dict[str, torch.Tensor], embeds: torch.Tensor,
+                     pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The UNet's classifier-free-guidance batch for ``n`` prompts: the negative rows first, as diffusers orders them.
+
+    ``negative`` is :meth:`SDXLPipeline.negative_conditioning`; ``embeds``/``pooled`` the prompts' encodings.
+    """
+    n = embeds.shape[0]
+    return {"prompt_embeds": torch.cat([negative["prompt_embeds"].expand(n, -1, -1), embeds]),
+            "text_embeds": torch.cat([negative["text_embeds"].expand(n, -1), pooled]),
+            "time_ids": negative["time_ids"].expand(2 * n, -1).contiguous()}
+
+
 class SDXLPipeline:
     """Generates MLPerf SDXL images from token ids through a backend.
 
@@ -55,32 +67,29 @@ class SDXLPipeline:
         self.guidance_scale = guidance_scale
         self._scheduler = make_scheduler(spec.scheduler_config, steps)
         self._negative_ids = tuple(tokenize(tok, [NEGATIVE_PROMPT]) for tok in tokenizers)
-        self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._negative: dict[str, torch.Tensor] | None = None
 
     @property
     def timesteps(self) -> torch.Tensor:
         return self._scheduler.timesteps
 
-    def _negative_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def negative_conditioning(self) -> dict[str, torch.Tensor]:
+        """MLPerf's negative prompt as one CFG row: ``prompt_embeds``, ``text_embeds``, ``time_ids`` (computed once).
+
+        Public so the calibration capture stores exactly what the pipeline feeds the UNet.
+        """
         if self._negative is None:
             with torch.inference_mode():
-                self._negative = self.backend.encode_prompts(*self._negative_ids)
+                embeds, pooled = self.backend.encode_prompts(*self._negative_ids)
+            size = self.spec.image_size  # SDXL micro-conditioning: original size, crop (0, 0), target size
+            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype, device=self.backend.device)
+            self._negative = {"prompt_embeds": embeds, "text_embeds": pooled, "time_ids": time_ids}
         return self._negative
 
-    def _time_ids(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
-        """SDXL micro-conditioning: original size, crop top-left (0, 0), target size -- all the image size."""
-        size = self.spec.image_size
-        return torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype, device=self.backend.device).repeat(rows, 1)
-
     def conditioning(self, ids_1: torch.Tensor, ids_2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The UNet's CFG conditioning for a batch: negative rows first, as diffusers orders them."""
-        n = ids_1.shape[0]
+        """The UNet's CFG conditioning for a batch of prompts' token ids."""
         embeds, pooled = self.backend.encode_prompts(ids_1, ids_2)
-        neg_embeds, neg_pooled = self._negative_embeddings()
-        prompt_embeds = torch.cat([neg_embeds.expand(n, -1, -1), embeds])
-        text_embeds = torch.cat([neg_pooled.expand(n, -1), pooled])
-        return {"prompt_embeds": prompt_embeds, "text_embeds": text_embeds,
-                "time_ids": self._time_ids(2 * n, prompt_embeds.dtype)}
+        return cfg_conditioning(self.negative_conditioning(), embeds, pooled)
 
     def denoise(self, latent: torch.Tensor, conditioning: dict[str, torch.Tensor], n: int,
                 step_callback=None, max_steps: int | None = None) -> torch.Tensor:
