@@ -154,6 +154,39 @@ def quantized_mac_share(unet: torch.nn.Module, entries: dict, inputs: tuple) -> 
     return macs["quantized"] / (macs["quantized"] + macs["float"])
 
 
+def component_macs() -> dict[str, float]:
+    """TMAC per 1024^2 image of each full-size SDXL component, counted on the meta device (no weights, no memory).
+
+    Answers where a backend pays beyond the UNet: the VAE decode and the text encoders are a few
+    percent of an image, so moving them to ONNX Runtime could gain at most that share.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from harness.models import model_spec
+
+    config = model_spec("sdxl-random").profile_config
+
+    def tmac(fn) -> float:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            fn()
+        return counter.get_total_flops() / 2 / 1e12
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config["unet"]).eval()
+        vae = AutoencoderKL(**config["vae"]).eval()
+        encoders = [CLIPTextModel(CLIPTextConfig(**config["text_encoder"])).eval(),
+                    CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])).eval()]
+        unet_call = tmac(lambda: unet(torch.randn(2, 4, 128, 128), torch.tensor(951.0),
+                                      encoder_hidden_states=torch.randn(2, 77, 2048),
+                                      added_cond_kwargs={"text_embeds": torch.randn(2, 1280),
+                                                         "time_ids": torch.randn(2, 6)}))
+        ids = torch.zeros(1, 77, dtype=torch.long)
+        return {"unet (20 CFG calls)": 20 * unet_call, "vae decode": tmac(lambda: vae.decode(torch.randn(1, 4, 128, 128))),
+                "text encoders (the prompt)": sum(tmac(lambda e=e: e(ids)) for e in encoders)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -176,6 +209,7 @@ def main() -> int:
             if label == "tiny":
                 tiny_inputs = inputs
     ceilings = gemm_ceilings()
+    components = component_macs()
     e2e = {} if args.skip_e2e else end_to_end(args.images, tiny_unet, tiny_inputs)
 
     print(f"\nCPU: {system_description()['cpu_model']} ({isa_summary()}), {threads} threads\n")
@@ -198,6 +232,9 @@ def main() -> int:
         vs_torch, vs_ort = speedup["vs_torch_fp32"], speedup["vs_ort_fp32"]
         print(f"{name} speed-up: {vs_torch:.2f}x over torch FP32 ({vs_torch / bound:.0%} of bound), "
               f"{vs_ort:.2f}x over ORT FP32 ({vs_ort / bound:.0%} of bound); goal >= 80%")
+    total = sum(components.values())
+    print("\nfull-size SDXL compute per 1024^2 image (meta-device count): " +
+          ", ".join(f"{name} {v:.2f} TMAC ({v / total:.1%})" for name, v in components.items()))
     if e2e:
         print("\ntiny end to end, 20 steps, batch 1 (text encoders and VAE: torch, fake-quantized where encoded)")
         print(format_table(["backend", "images/s"], [[k, f"{v:.3f}"] for k, v in e2e.items()]))
@@ -206,6 +243,7 @@ def main() -> int:
     write_json_atomic(path, {"benchmark": "backends", "system": system_description(), "threads": threads,
                              "unet_latency_s": latency, "quantized_mac_share": shares, "gemm": ceilings,
                              "amdahl_bound": bound, "a8w8_speedup": speedups,
+                             "full_size_tmac_per_image": components,
                              "end_to_end_images_per_s": e2e})
     print(f"\nwritten {path}")
     return 0

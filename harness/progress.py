@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Iterable, TypeVar
 
+import tqdm as _tqdm
 from tqdm.auto import tqdm
+
+# tqdm guards its bars with a multiprocessing lock by default, a named semaphore that LoadGen's child
+# processes (which end with os._exit) would leave behind ("leaked semaphore objects" at exit). Our bars
+# only ever share a process between threads, and the class attribute covers diffusers' bars too.
+_tqdm.tqdm.set_lock(threading.RLock())
 
 T = TypeVar("T")
 

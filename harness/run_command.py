@@ -280,6 +280,8 @@ def _child_context():
 
 
 def _child_main(function, args: tuple, conn) -> None:
+    from . import progress  # noqa: F401 -- tqdm's lock, before any bar (see harness.progress)
+
     try:
         result = function(*args)
     except KeyboardInterrupt:

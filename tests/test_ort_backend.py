@@ -69,13 +69,18 @@ def _small_qdq(recipe: str, tmp_path, stream_weights: bool = False):
         return x, net(x), fake_quant(x), path, result
 
 
-@pytest.mark.parametrize("stream_weights", [False, True], ids=["in-graph", "streamed"])
-def test_qdq_equals_fake_quant_on_a_small_model(tmp_path, stream_weights):
-    x, fp32, simulated, path, result = _small_qdq("w8a8", tmp_path, stream_weights)
-    assert result.weights == 4 and result.activations == 4
+@pytest.mark.parametrize("recipe, stream_weights", [("w8a8", False), ("w8a8", True), ("w8a8-qlinear", False)],
+                         ids=["in-graph", "streamed", "qlinear"])
+def test_qdq_equals_fake_quant_on_a_small_model(tmp_path, recipe, stream_weights):
+    x, fp32, simulated, path, result = _small_qdq(recipe, tmp_path, stream_weights)
+    outputs = 2 if recipe == "w8a8-qlinear" else 0  # conv1's and conv2's outputs
+    assert result.weights == 4 and result.activations == 4 + outputs
     out = run_bound(create_session(path), {"x": x}, "y", fp32.shape)
     parity, fq_err, ort_err = sqnr_db(simulated, out), sqnr_db(fp32, simulated), sqnr_db(fp32, out)
     assert parity >= max(fq_err, ort_err) + 10, f"SQNR ort~fq {parity:.1f} dB, fq~fp32 {fq_err:.1f}, ort~fp32 {ort_err:.1f}"
+    fused = json.loads(path.with_name("small.fusion.json").read_text())["fused"]
+    # a Q after each conv's output is what lets ONNX Runtime run it as an integer QLinearConv
+    assert fused.get("QLinearConv", 0) == outputs, fused
 
 
 def test_streamed_export_writes_external_weights_and_equals_torch(tmp_path):
