@@ -56,8 +56,9 @@ class OrtBackend(TorchBackend):
         self.model_dir = Path(options.extra.get("cache_dir", "build/cache")) / "onnx" / self._cache_key(entries)
         self.model_path = build_unet_model(self.unet, entries, self.model_dir, encodings, options.show_progress)
         warn_if_saturating(self.model_dir / "unet.tensor_map.json")
-        self.session = create_session(self.model_path, self.ep, _threads(options))
-        self.fusion = _fusion(self.model_dir)
+        self.optimization = str(options.extra.get("ort_optimization", "all"))
+        self.session = create_session(self.model_path, self.ep, _threads(options), self.optimization)
+        self.fusion = _fusion(self.model_dir) if self.optimization == "all" else None  # the report is of "all"
         self.unet = None  # the session holds the weights now; free the PyTorch copy
         self.components.unet = None
 
@@ -83,7 +84,8 @@ class OrtBackend(TorchBackend):
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out.update(ep=self.ep, onnx_model=str(self.model_path), isa=isa_summary(),
-                   session_threads=self.session.get_session_options().intra_op_num_threads)
+                   session_threads=self.session.get_session_options().intra_op_num_threads,
+                   graph_optimization=self.optimization)
         tensor_map = self.model_dir / "unet.tensor_map.json"
         if tensor_map.is_file() and "quantization" in out:  # the UNet's quantizers live in the ONNX graph
             counts = json.loads(tensor_map.read_text())

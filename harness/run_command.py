@@ -57,6 +57,10 @@ def register(subparsers) -> None:
     parser.add_argument("--ep", choices=("cpu", "qnn"),
                         help="ONNX Runtime execution provider for --backend ort (default cpu; qnn: the Hexagon HTP, "
                              "emulated on x86, needs the [qnn] extra)")
+    parser.add_argument("--ort-threads", type=int, help="--backend ort: intra-op threads per session (default: torch's "
+                                                        "threads, shared out among --threads workers)")
+    parser.add_argument("--ort-optimization", choices=("disable", "basic", "extended", "all"),
+                        help="--backend ort: graph optimisation level (default all; the fusion report needs all)")
     parser.add_argument("--scenario", default="Offline", choices=SCENARIOS)
     parser.add_argument("--accuracy", action="store_true", help="accuracy mode only (as the reference's flag)")
     parser.add_argument("--mode", choices=("performance", "accuracy", "both"),
@@ -91,8 +95,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if args.mode not in (None, "accuracy"):
             raise UserError("--accuracy conflicts with --mode " + args.mode)
         modes = ("accuracy",)
-    if args.ep and args.backend not in ("ort", "onnxruntime"):
-        raise UserError(f"--ep {args.ep} applies to --backend ort only")
+    ort_flags = {"ep": args.ep, "ort_threads": args.ort_threads, "ort_optimization": args.ort_optimization}
+    ort_flags = {k: v for k, v in ort_flags.items() if v is not None}
+    if ort_flags and args.backend not in ("ort", "onnxruntime"):
+        flag = next(iter(ort_flags))
+        flag = "--ep " + args.ep if flag == "ep" else "--" + flag.replace("_", "-")
+        raise UserError(f"{flag} applies to --backend ort only")
     if args.backend in ("ort", "onnxruntime") and (args.dtype != "fp32" or args.device != "cpu"):
         raise UserError("--backend ort runs fp32 ONNX graphs on the CPU (quantized ones with --encodings); "
                         f"got --dtype {args.dtype} --device {args.device}")
@@ -104,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise UserError("give --encodings (calibrated already) or --recipe (calibrate now), not both")
     if args.recipe and args.backend == "null":
         raise UserError("--recipe needs a model backend (torch or ort), not null")
-    for name in ("max_batchsize", "threads", "num_prompts"):
+    for name in ("max_batchsize", "threads", "num_prompts", "ort_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     timestamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -116,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      qps=args.qps, max_batchsize=args.max_batchsize, threads=args.threads, output=output,
                      save_images=args.save_images, warmup=args.warmup, cache_dir=args.cache_dir,
                      statistics_path=args.statistics_path, reference_run=args.reference_run,
-                     calibration=calibration, backend_extra={"ep": args.ep} if args.ep else {})
+                     calibration=calibration, backend_extra=ort_flags)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -68,6 +68,8 @@ def test_tiny_offline_performance_and_accuracy(tmp_path, capsys):
     (["--ep", "qnn"], "--ep qnn applies to --backend ort only"),
     (["--backend", "ort", "--dtype", "fp16"], "--backend ort runs fp32 ONNX graphs on the CPU"),
     (["--timesteps", "single"], "--timesteps applies to --recipe only"),
+    (["--ort-threads", "2"], "--ort-threads applies to --backend ort only"),
+    (["--backend", "ort", "--ort-threads", "0"], "--ort-threads must be >= 1"),
     (["--recipe", "w8a8", "--encodings", "e.json"], "not both"),
     (["--recipe", "w8a8", "--num-prompts", "0"], "--num-prompts must be >= 1"),
 ])

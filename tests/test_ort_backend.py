@@ -213,13 +213,15 @@ def test_ort_int8_under_loadgen_and_compare(w8a8, cache_dir, tmp_path, no_weight
     _, encodings = w8a8
     common = ["--mode", "accuracy", "--max-samples", "1", "--cache-dir", str(cache_dir)]  # one image per run
     runs = {"fp32": [], "fq": ["--encodings", str(encodings)],
-            "ort": ["--backend", "ort", "--encodings", str(encodings), "--scenario", "Server", "--threads", "2"]}
+            "ort": ["--backend", "ort", "--encodings", str(encodings), "--scenario", "Server", "--threads", "2",
+                    "--ort-threads", "1"]}
     for name, flags in runs.items():
         assert main(["run", "--output", str(tmp_path / name), *common, *flags]) == 0, name
     record = json.loads((tmp_path / "ort" / "run.json").read_text())
     (test,) = record["tests"]
     assert test["scenario"] == "Server" and test["samples"] == 1 and "error" not in test, test
     assert test["backend"]["fusion"]["fused_total"] > 0, test["backend"]
+    assert test["backend"]["session_threads"] == 1 and test["backend"]["graph_optimization"] == "all"
     psnr = {}
     for reference in ("fq", "fp32"):
         out = tmp_path / f"ort-vs-{reference}"
