@@ -61,7 +61,7 @@ def conversion_ms(repeats: int = 50) -> dict[str, float]:
         return np.stack([(img.permute(1, 2, 0).float().numpy() * 255).round().astype(np.uint8) for img in pt])
 
     decoded = torch.rand(1, 3, 1024, 1024) * 2 - 1
-    ways = {"ours": lambda: images_to_uint8((decoded / 2 + 0.5).clamp(0, 1)), "reference": lambda: reference(decoded)}
+    ways = {"ours": lambda: images_to_uint8(decoded, from_vae=True), "reference": lambda: reference(decoded)}
     times: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(repeats + 1):  # interleaved; the first round is a warm-up
         for name, way in ways.items():

@@ -84,12 +84,13 @@ def test_uint8_conversion_matches_reference_rounding():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vae_output_to_uint8_equals_the_reference_composition(dtype):
-    """The pipeline's postprocess + conversion == diffusers' postprocess then MLPerf's ``(x*255).round()``."""
+    """Per-image postprocess + conversion == diffusers' batch postprocess, then MLPerf's ``(x*255).round()``."""
     g = torch.Generator().manual_seed(0)
     decoded = (torch.rand(2, 3, 70, 96, generator=g) * 2.4 - 1.2).to(dtype)
+    ours = images_to_uint8(decoded, from_vae=True)
     pt = (decoded / 2 + 0.5).clamp(0, 1)  # diffusers' VaeImageProcessor.postprocess(output_type="pt"), in its dtype
-    ours = images_to_uint8(pt)
     reference = np.stack([(x.permute(1, 2, 0).float().numpy() * 255).round().astype(np.uint8) for x in pt])
     assert ours.shape == (2, 70, 96, 3) and ours.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(ours, reference)
     assert ours.min() == 0 and ours.max() == 255  # the clamp was exercised
+    np.testing.assert_array_equal(images_to_uint8(pt), reference)  # [0, 1] input: the same bytes
