@@ -183,6 +183,8 @@ def execute_run(config: RunConfig) -> RunRecord:
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
+    if config.recipe and not config.encodings:
+        _check_calibration_inputs(config, spec)
     run_dir = Path(config.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     if latent.source.startswith("drawn"):
@@ -222,6 +224,25 @@ def execute_run(config: RunConfig) -> RunRecord:
         raise
     record.finish("completed")
     return record
+
+
+def _check_calibration_inputs(config: RunConfig, spec) -> None:
+    """``--recipe``: the recipe, captions and timesteps are read here, in a second, not after the model loads."""
+    from calibration.capture import CalibrationDataError, parse_timesteps, read_calibration_captions
+    from calibration.encodings import EncodingsError
+    from calibration.recipes import load_recipe
+
+    from .cli import UserError
+    from .pipeline import make_scheduler
+
+    try:
+        recipe = load_recipe(config.recipe)
+        read_calibration_captions(config.calibration.get("calibration_captions"), spec.profile,
+                                  config.calibration.get("num_prompts") or recipe.calibration.get("num_prompts"))
+        schedule = [int(t) for t in make_scheduler(spec.scheduler_config).timesteps]
+        parse_timesteps(config.calibration.get("timesteps") or recipe.calibration.get("timesteps", "all"), schedule)
+    except (EncodingsError, CalibrationDataError) as exc:
+        raise UserError(str(exc)) from None
 
 
 def _run_test_in_child(config: RunConfig, mode: str, test_dir: Path) -> dict[str, Any]:
