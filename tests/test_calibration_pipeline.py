@@ -85,18 +85,18 @@ def test_run_with_a_recipe_calibrates_once_into_the_run_directory(tmp_path):
     from harness.cli import main
 
     out = tmp_path / "run"
-    assert main(["run", "--recipe", "w8a8-per-step", "--num-prompts", "2", "--timesteps", "list:951,901,851",
+    assert main(["run", "--recipe", "w8a8-per-step", "--num-prompts", "1", "--timesteps", "list:951,901",
                  "--cache-dir", str(tmp_path / "cache"), "--mode", "accuracy", "--max-samples", "1",
                  "--output", str(out)]) == 0
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "completed" and record["tests"][0]["samples"] == 1
     calibration = record["calibration"]
-    assert calibration["recipe"] == "w8a8-per-step" and calibration["num_prompts"] == 2 and calibration["quantizers"] > 0
+    assert calibration["recipe"] == "w8a8-per-step" and calibration["num_prompts"] == 1 and calibration["quantizers"] > 0
     assert record["backend"]["encodings"] == str(out / "encodings.json") == calibration["encodings"]
     assert (out / "encodings.aimet.unet.json").is_file()
     entries = Encodings.load(out / "encodings.json").components["unet"]
     ranged = [v for k, v in entries.items() if k.endswith(":input[0]")]
-    # 3 calibrated steps, 4 groups asked: one group per step, the last reaching down to t = 0
-    assert ranged and all([e.timesteps for e in v] == [(951, 951), (901, 950), (0, 900)] for v in ranged)
+    # 2 calibrated steps, 4 groups asked: one group per step, the last reaching down to t = 0
+    assert ranged and all([e.timesteps for e in v] == [(951, 951), (0, 950)] for v in ranged)
     assert all(not isinstance(v, list) for k, v in entries.items() if k.endswith(":weight"))
     assert [p.name for p in (tmp_path / "cache" / "calib").iterdir()], "the capture is cached for the next run"
