@@ -11,9 +11,10 @@ os.environ.setdefault("SDXL_BENCH_NO_PROGRESS", "1")
 # before any test module imports torch (libgomp reads it once): see harness.cli.quiet_openmp_waits
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # one intra-op thread for the tiny models the suite runs (LoadGen children and subprocesses inherit it):
-# their ops are too small to split, so a second thread only adds barriers. Measured on an idle 2-core
-# AVX512-VNNI EPYC: a tiny image in 1.8 s at 1 thread vs 2.6 s at 2; on loaded machines each barrier
-# waits for a descheduled thread and 2 threads ran 5-20x slower.
+# their ops are too small to split, so a second thread mostly adds barriers. Measured on a 2-core
+# AVX512-VNNI EPYC: a tiny image in 1.8 s at 1 thread vs 2.6 s at 2 when idle; with a busy loop on one
+# core, the pipeline + tiny LoadGen tests took 32 s at 1 thread vs 31 s at 2 (PASSIVE waits); with
+# spinning (ACTIVE) waits 2 threads ran 5-20x slower on a loaded machine (bench/threads.py).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
