@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-COMMAND_MODULES = ("harness.run_command", "calibration.commands", "accuracy.commands")
+COMMAND_MODULES = ("harness.run_command", "harness.compliance", "calibration.commands", "accuracy.commands")
 
 
 class UserError(Exception):

@@ -81,34 +81,3 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "run" / "run.json").exists()
-
-
-# compliance/TEST01/stable-diffusion-xl/audit.config and compliance/TEST04/audit.config (mlcommons/inference)
-TEST01_AUDIT = ("*.*.mode = 2\n*.*.accuracy_log_rng_seed = 720381539243781796\n"
-                "*.*.accuracy_log_sampling_target = 128\n")
-TEST04_AUDIT = ("*.*.mode = 2\n*.*.performance_issue_unique = 0\n*.*.performance_issue_same = 1\n"
-                "*.*.performance_issue_same_index = 3\nstable-diffusion-xl.Offline.min_query_count = 500\n")
-
-
-def test_test01_audit_logs_sampled_responses_during_a_performance_run(tmp_path):
-    """TEST01: a performance run that also logs sampled responses' bytes (what verify_accuracy compares)."""
-    audit = tmp_path / "audit.config"
-    audit.write_text(TEST01_AUDIT)
-    record = _run(tmp_path, "--backend", "null", "--user-conf", str(NULL_CONF), "--audit-conf", str(audit),
-                  "--max-batchsize", "8")
-    (test,) = record["tests"]
-    assert test["mode"] == "performance" and test["validity"] == "VALID"
-    entries = json.loads((Path(test["dir"]) / "mlperf_log_accuracy.json").read_text())
-    assert 0 < len(entries) <= test["samples"] and all(len(e["data"]) == 256 * 256 * 3 * 2 for e in entries)
-    assert record["loadgen"]["audit_conf"] == str(audit)
-
-
-def test_test04_audit_applies_its_model_specific_min_query_count(tmp_path):
-    """TEST04's ``stable-diffusion-xl.Offline.min_query_count = 500`` only takes effect when the SUT loads
-    audit.config for the model (LoadGen re-reads it for model ``*``): the samples issued show it did."""
-    audit = tmp_path / "audit.config"
-    audit.write_text(TEST04_AUDIT)
-    record = _run(tmp_path, "--backend", "null", "--user-conf", str(NULL_CONF), "--audit-conf", str(audit),
-                  "--max-batchsize", "8")
-    (test,) = record["tests"]
-    assert test["validity"] == "VALID" and test["samples"] >= 500, test

@@ -1,0 +1,92 @@
+"""Compliance audits: TEST01/TEST04 audit.config runs through LoadGen, and ``verify-compliance`` on them."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+from harness.compliance import verify, verify_performance
+
+NULL_CONF = Path(__file__).parent / "data" / "null_valid_user.conf"
+# compliance/TEST01/stable-diffusion-xl/audit.config and compliance/TEST04/audit.config (mlcommons/inference)
+TEST01_AUDIT = ("*.*.mode = 2\n*.*.accuracy_log_rng_seed = 720381539243781796\n"
+                "*.*.accuracy_log_sampling_target = 128\n")
+TEST04_AUDIT = ("*.*.mode = 2\n*.*.performance_issue_unique = 0\n*.*.performance_issue_same = 1\n"
+                "*.*.performance_issue_same_index = 3\nstable-diffusion-xl.Offline.min_query_count = 500\n")
+
+
+def _run(out: Path, *flags) -> dict:
+    assert main(["run", "--output", str(out), "--backend", "null", "--user-conf", str(NULL_CONF),
+                 "--max-batchsize", "8", *flags]) == 0
+    return json.loads((out / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A submission-style run (performance + accuracy) and its TEST01 audit run, null backend at 256^2."""
+    root = tmp_path_factory.mktemp("compliance")
+    audit = root / "TEST01.config"
+    audit.write_text(TEST01_AUDIT)
+    return root / "run", _run(root / "run", "--mode", "both"), root / "test01", _run(root / "test01", "--audit-conf",
+                                                                                      str(audit))
+
+
+def test_test01_audit_logs_sampled_responses_during_a_performance_run(runs):
+    _, _, audit_dir, record = runs
+    (test,) = record["tests"]
+    assert test["mode"] == "performance" and test["validity"] == "VALID"
+    entries = json.loads((Path(test["dir"]) / "mlperf_log_accuracy.json").read_text())
+    assert 0 < len(entries) <= test["samples"] and all(len(e["data"]) == 256 * 256 * 3 * 2 for e in entries)
+    assert record["loadgen"]["audit_conf"].endswith("TEST01.config")
+
+
+def test_verify_test01_passes_identical_responses_and_catches_a_changed_byte(runs, tmp_path, capsys):
+    run_dir, _, audit_dir, record = runs
+    result = verify("TEST01", run_dir, audit_dir)
+    accuracy = result["checks"]["accuracy"]
+    assert accuracy["passed"], accuracy  # the null backend's black images: every logged response is equal
+    assert "first-byte mismatches (MLPerf's python mode): 0" in accuracy["details"]
+    assert (audit_dir / "TEST01" / "verify_accuracy.txt").read_text().endswith("TEST PASS\n")
+    assert (audit_dir / "TEST01" / "verify_performance.txt").is_file()
+
+    # the same audit with one response's first byte changed: MLPerf's check must fail, naming one mismatch
+    log = Path(record["tests"][0]["dir"]) / "mlperf_log_accuracy.json"
+    entries = json.loads(log.read_text())
+    entries[0]["data"] = "01" + entries[0]["data"][2:]
+    tampered = tmp_path / "mlperf_log_accuracy.json"
+    tampered.write_text(json.dumps(entries))
+    from harness.compliance import verify_test01_accuracy
+
+    verdict = verify_test01_accuracy(Path(runs[1]["tests"][1]["dir"]) / "mlperf_log_accuracy.json", tampered, 256)
+    assert not verdict.passed and "first-byte mismatches (MLPerf's python mode): 1" in verdict.lines
+    assert verdict.text().endswith("TEST FAIL\n")
+
+    # the command: one line per check, exit code 0/1 by the verdict
+    assert main(["verify-compliance", "--test", "TEST01", "--run", str(run_dir), "--audit-run", str(audit_dir),
+                 "--output", str(tmp_path / "out")]) in (0, 1)
+    assert "TEST01 accuracy: PASS" in capsys.readouterr().out
+    assert main(["verify-compliance", "--test", "TEST01", "--run", str(run_dir), "--audit-run", str(run_dir)]) == 2
+    assert "was not run with --audit-conf" in capsys.readouterr().err
+
+
+def test_test04_audit_applies_its_model_specific_min_query_count(tmp_path):
+    """TEST04's ``stable-diffusion-xl.Offline.min_query_count = 500`` only takes effect when the SUT loads
+    audit.config for the model (LoadGen re-reads it for model ``*``): the samples issued show it did."""
+    audit = tmp_path / "audit.config"
+    audit.write_text(TEST04_AUDIT)
+    (test,) = _run(tmp_path / "run", "--audit-conf", str(audit))["tests"]
+    assert test["validity"] == "VALID" and test["samples"] >= 500, test
+
+
+@pytest.mark.parametrize("test, scenario, reference, audit, passed", [
+    ("TEST01", "Offline", 10.0, 10.9, True), ("TEST01", "Offline", 10.0, 8.9, False),
+    ("TEST04", "Offline", 10.0, 10.9, True), ("TEST04", "Offline", 10.0, 11.2, False),
+    ("TEST04", "Offline", 10.0, 5.0, True),  # slower is fine: only a cache makes repeated samples faster
+    ("TEST04", "SingleStream", 2.0, 1.9, True), ("TEST04", "SingleStream", 2.0, 1.7, False),
+    ("TEST01", "SingleStream", 2.0, 2.3, False),
+])
+def test_performance_rules(test, scenario, reference, audit, passed):
+    key = "qps" if scenario != "SingleStream" else "early_stopping_latency_s"
+    verdict = verify_performance({"scenario": scenario, key: reference}, {"scenario": scenario, key: audit}, test)
+    assert verdict.passed is passed, verdict.lines
