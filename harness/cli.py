@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 
-COMMAND_MODULES = ("harness.run_command", "harness.compliance", "calibration.commands", "accuracy.commands")
+COMMAND_MODULES = ("harness.run_command", "harness.compliance", "harness.submission", "calibration.commands",
+                   "accuracy.commands")
 
 
 class UserError(Exception):

@@ -70,13 +70,51 @@ def test_verify_test01_passes_identical_responses_and_catches_a_changed_byte(run
     assert "was not run with --audit-conf" in capsys.readouterr().err
 
 
-def test_test04_audit_applies_its_model_specific_min_query_count(tmp_path):
+@pytest.fixture(scope="module")
+def test04_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("test04")
+    audit = root / "TEST04.config"
+    audit.write_text(TEST04_AUDIT)
+    return root / "run", _run(root / "run", "--audit-conf", str(audit))
+
+
+def test_test04_audit_applies_its_model_specific_min_query_count(test04_run):
     """TEST04's ``stable-diffusion-xl.Offline.min_query_count = 500`` only takes effect when the SUT loads
     audit.config for the model (LoadGen re-reads it for model ``*``): the samples issued show it did."""
-    audit = tmp_path / "audit.config"
-    audit.write_text(TEST04_AUDIT)
-    (test,) = _run(tmp_path / "run", "--audit-conf", str(audit))["tests"]
+    (test,) = test04_run[1]["tests"]
     assert test["validity"] == "VALID" and test["samples"] >= 500, test
+
+
+def test_submission_tree_from_a_run_and_its_audits(runs, test04_run, tmp_path, capsys):
+    run_dir, _, test01_dir, _ = runs
+    ids = tmp_path / "sample_ids.txt"
+    ids.write_text("3\n1\n")
+    flags = ["submission", "--runs", str(run_dir), "--audits", str(test01_dir), str(test04_run[0]),
+             "--submitter", "acme", "--system", "epyc2c", "--ids-path", str(ids), "--output", str(tmp_path / "sub")]
+    # random weights, 256^2 images, short settings: refused for the closed division, with the reasons
+    assert main(flags) == 2
+    assert "is not a closed-division run: RANDOM WEIGHTS" in capsys.readouterr().err
+    main([*flags, "--division", "open"])  # exit code follows the performance verdicts, which noise can move
+    printed = capsys.readouterr().out
+    root = tmp_path / "sub" / "open" / "acme"
+    scenario = root / "results" / "epyc2c" / "stable-diffusion-xl" / "Offline"
+    for path in ("performance/run_1/mlperf_log_summary.txt", "performance/run_1/mlperf_log_detail.txt",
+                 "accuracy/mlperf_log_accuracy.json", "accuracy/accuracy.txt", "accuracy/mlperf_log_summary.txt",
+                 "accuracy/images/3.png", "accuracy/images/1.png"):
+        assert (scenario / path).is_file(), path
+    assert (scenario / "accuracy/images/captions.txt").read_text().splitlines()[0].startswith("3  ")
+    measurements = root / "measurements" / "epyc2c" / "stable-diffusion-xl" / "Offline"
+    assert set(json.loads((measurements / "measurements.json").read_text())) == {
+        "input_data_types", "retraining", "starting_weights_filename", "weight_data_types", "weight_transformations"}
+    assert (measurements / "user.conf").is_file() and "./run.sh run --mode both" in (measurements / "README.md").read_text()
+    compliance = root / "compliance" / "epyc2c" / "stable-diffusion-xl" / "Offline"
+    assert (compliance / "TEST01" / "verify_accuracy.txt").read_text().endswith("TEST PASS\n")
+    assert (compliance / "TEST01" / "accuracy" / "mlperf_log_accuracy.json").is_file()
+    assert (compliance / "TEST04" / "verify_performance.txt").is_file()
+    assert (compliance / "TEST04" / "performance" / "run_1" / "mlperf_log_detail.txt").is_file()
+    system = json.loads((root / "systems" / "epyc2c.json").read_text())
+    assert system["submitter"] == "acme" and system["division"] == "open" and system["host_processor_model_name"]
+    assert "Offline/TEST01:" in printed and "to do: systems/epyc2c.json: fill" in printed
 
 
 @pytest.mark.parametrize("test, scenario, reference, audit, passed", [

@@ -1,0 +1,217 @@
+"""``submission``: lay run directories out as an MLPerf Inference submission for ``stable-diffusion-xl``.
+
+From the runs (one per scenario, performance + accuracy) and their compliance audits this writes the
+tree the submission checker reads (``tools/submission/submission_structure.md``)::
+
+    <output>/<division>/<submitter>/
+      systems/<system>.json                                   host facts filled in, the rest to fill
+      results/<system>/stable-diffusion-xl/<Scenario>/
+        performance/run_1/mlperf_log_{summary,detail}.txt
+        accuracy/mlperf_log_{summary,detail}.txt, mlperf_log_accuracy.json, accuracy.txt
+        accuracy/images/<id>.png, captions.txt               with --ids-path (the round's sample ids)
+      measurements/<system>/stable-diffusion-xl/<Scenario>/measurements.json, user.conf, README.md
+      compliance/<system>/stable-diffusion-xl/<Scenario>/TEST01/verify_{accuracy,performance}.txt,
+                                                          accuracy/, performance/run_1/
+                                                        /TEST04/verify_performance.txt, performance/run_1/
+
+A closed-division submission refuses any run ``run.json`` marks not compliant (random weights, a
+subset of the captions, another latent, short settings...), and the verdicts of ``verify-compliance``
+are written, not assumed. What the harness cannot know (submitter details, accelerator, software
+stack) is left empty in ``systems/<system>.json`` and listed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .compliance import TESTS, verify
+
+BENCHMARK = "stable-diffusion-xl"
+SUMMARY_FILES = ("mlperf_log_summary.txt", "mlperf_log_detail.txt")
+#: systems/<system>.json keys the checker requires; the ones filled from this machine are in _system_description
+SYSTEM_FIELDS = ("division", "submitter", "status", "system_name", "number_of_nodes", "host_processor_model_name",
+                 "host_processors_per_node", "host_processor_core_count", "host_memory_capacity",
+                 "host_storage_capacity", "host_storage_type", "accelerators_per_node", "accelerator_model_name",
+                 "accelerator_memory_capacity", "framework", "operating_system", "system_type",
+                 "other_software_stack", "host_networking", "host_networking_topology", "cooling", "hw_notes",
+                 "sw_notes")
+
+
+def _read_run(directory: Path) -> dict[str, Any]:
+    path = directory / "run.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: give run directories written by ./run.sh run")
+    record = json.loads(path.read_text())
+    if record.get("status") != "completed":
+        raise ValueError(f"{directory} did not complete (status {record.get('status')!r})")
+    return record
+
+
+def _test(record: dict[str, Any], mode: str, where: Path) -> dict[str, Any]:
+    for test in record.get("tests", []):
+        if test.get("mode") == mode and "error" not in test:
+            return test
+    raise ValueError(f"{where} has no completed {mode} test (a submission run needs --mode both)")
+
+
+def _copy(files: list[Path], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"{file} is missing")
+        shutil.copy2(file, directory / file.name)
+
+
+def _audit_test(record: dict[str, Any], where: Path) -> str:
+    """TEST01 or TEST04, from the keys of the audit.config the run was made with."""
+    conf = (record.get("loadgen") or {}).get("audit_conf")
+    if not conf or not Path(conf).is_file():
+        raise ValueError(f"{where} was not run with --audit-conf (or its audit.config is gone)")
+    text = Path(conf).read_text()
+    if "accuracy_log_sampling_target" in text:
+        return "TEST01"
+    if "performance_issue_same" in text:
+        return "TEST04"
+    raise ValueError(f"{conf}: neither TEST01's nor TEST04's audit.config")
+
+
+def _measurements(record: dict[str, Any]) -> dict[str, Any]:
+    backend = record.get("backend") or {}
+    model = record.get("model") or {}
+    quantized = bool(backend.get("encodings") or backend.get("recipe"))
+    recipe = (record.get("calibration") or {}).get("recipe") or backend.get("recipe")
+    return {"input_data_types": backend.get("dtype", "fp32"), "retraining": "No",
+            "starting_weights_filename": model.get("path") or f"{record.get('profile')} profile",
+            "weight_data_types": f"{recipe or 'quantized'} ({backend.get('dtype', 'fp32')} compute)" if quantized
+            else backend.get("dtype", "fp32"),
+            "weight_transformations": "quantization (post-training)" if quantized else "none"}
+
+
+def _readme(record: dict[str, Any]) -> str:
+    config = record.get("config") or {}
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(config.items())
+                     if v not in (None, False, "", [], {}) and k not in ("modes", "output", "backend_extra",
+                                                                         "calibration", "warmup"))
+    return (f"# {BENCHMARK} {record.get('scenario')}\n\nMade with sdxl-ptq-bench (git {(record.get('system') or {}).get('git_commit')}):\n\n"
+            f"```\n./run.sh run --mode both {flags}\n```\n\nBackend: {json.dumps(record.get('backend'))}\n")
+
+
+def _system_description(record: dict[str, Any], division: str, submitter: str, system: str) -> dict[str, Any]:
+    info = record.get("system") or {}
+    described = {"division": division, "submitter": submitter, "status": "available", "system_name": system,
+                 "number_of_nodes": "1", "host_processor_model_name": info.get("cpu_model", ""),
+                 "host_processors_per_node": "1", "host_processor_core_count": str(info.get("cpu_count", "")),
+                 "framework": " ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items() if v),
+                 "operating_system": info.get("platform", ""), "system_type": "edge",
+                 "accelerators_per_node": "0" if not info.get("gpu") else "", "accelerator_model_name": info.get("gpu") or ""}
+    return {field: described.get(field, "") for field in SYSTEM_FIELDS}
+
+
+def write_submission(runs: list[Path], audits: list[Path], output: Path, submitter: str, system: str,
+                     division: str = "closed", ids_path: Path | None = None) -> dict[str, Any]:
+    """Lay the runs and audits out; returns what was written, the compliance verdicts and what is left to do."""
+    if division not in ("closed", "open"):
+        raise ValueError(f"--division {division}: closed or open")
+    root = output / division / submitter
+    scenarios: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for run_dir in runs:
+        record = _read_run(run_dir)
+        if division == "closed" and not record.get("compliant"):
+            raise ValueError(f"{run_dir} is not a closed-division run: {'; '.join(record.get('non_compliance_reasons', []))}"
+                             " (--division open to submit it there)")
+        scenario = record["scenario"]
+        if scenario in scenarios:
+            raise ValueError(f"two runs of {scenario}: {scenarios[scenario][0]} and {run_dir}")
+        scenarios[scenario] = (run_dir, record)
+    written, verdicts, todo = [], {}, []
+    for scenario, (run_dir, record) in sorted(scenarios.items()):
+        where = f"{system}/{BENCHMARK}/{scenario}"
+        perf, acc = _test(record, "performance", run_dir), _test(record, "accuracy", run_dir)
+        results = root / "results" / where
+        _copy([Path(perf["dir"]) / f for f in SUMMARY_FILES], results / "performance" / "run_1")
+        acc_dir = Path(acc["dir"])
+        _copy([acc_dir / f for f in (*SUMMARY_FILES, "mlperf_log_accuracy.json", "accuracy.txt")], results / "accuracy")
+        if ids_path is not None:
+            written.append(_sample_images(record, acc_dir / "mlperf_log_accuracy.json", ids_path,
+                                          results / "accuracy" / "images"))
+        else:
+            todo.append(f"{scenario}: accuracy/images/<id>.png for this round's sample ids (--ids-path)")
+        measurements = root / "measurements" / where
+        measurements.mkdir(parents=True, exist_ok=True)
+        (measurements / "measurements.json").write_text(json.dumps(_measurements(record), indent=1) + "\n")
+        shutil.copy2(record["loadgen"]["user_conf"], measurements / "user.conf")
+        (measurements / "README.md").write_text(_readme(record))
+        written += [str(results), str(measurements)]
+    for audit_dir in audits:
+        record = _read_run(audit_dir)
+        test, scenario = _audit_test(record, audit_dir), record["scenario"]
+        if scenario not in scenarios:
+            raise ValueError(f"audit {audit_dir} is of {scenario}, but no run of {scenario} was given")
+        target = root / "compliance" / system / BENCHMARK / scenario / test
+        result = verify(test, scenarios[scenario][0], audit_dir, target)
+        audit_perf = Path(_test(record, "performance", audit_dir)["dir"])
+        _copy([audit_perf / f for f in SUMMARY_FILES], target / "performance" / "run_1")
+        if test == "TEST01":
+            _copy([audit_perf / "mlperf_log_accuracy.json"], target / "accuracy")
+        verdicts[f"{scenario}/{test}"] = result["passed"]
+        written.append(str(target))
+    for scenario in sorted(scenarios):
+        todo += [f"{scenario}: {test} audit run (./run.sh run --audit-conf ...)" for test in TESTS
+                 if f"{scenario}/{test}" not in verdicts]
+    systems = root / "systems"
+    systems.mkdir(parents=True, exist_ok=True)
+    description = _system_description(next(iter(scenarios.values()))[1], division, submitter, system)
+    (systems / f"{system}.json").write_text(json.dumps(description, indent=1) + "\n")
+    todo += [f"systems/{system}.json: fill {', '.join(k for k, v in description.items() if v == '')}"]
+    return {"root": str(root), "written": written, "compliance": verdicts, "todo": todo}
+
+
+def _sample_images(record: dict[str, Any], log: Path, ids_path: Path, directory: Path) -> str:
+    """The round's sample images (``<id>.png`` + ``captions.txt``), streamed from the accuracy log."""
+    from accuracy.compliance_images import ComplianceImageWriter, read_ids
+    from accuracy.log_reader import iter_accuracy_log
+
+    from .dataset import load_captions
+
+    captions = load_captions(record["dataset"]["path"], record.get("max_samples")).captions
+    writer = ComplianceImageWriter(directory, read_ids(ids_path), captions)
+    for qsl_idx, image in iter_accuracy_log(log, int(record["image_size"])):
+        writer(qsl_idx, image)
+    missing = writer.describe()["missing"]
+    if missing:
+        raise ValueError(f"the accuracy log has no image for sample ids {missing[:5]}")
+    return str(directory)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("submission", help="lay runs and audits out as an MLPerf submission tree",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="run directories (--mode both), one per scenario")
+    parser.add_argument("--audits", nargs="*", default=[], help="TEST01/TEST04 audit run directories")
+    parser.add_argument("--submitter", required=True)
+    parser.add_argument("--system", required=True, help="system description id (systems/<system>.json)")
+    parser.add_argument("--division", default="closed", choices=("closed", "open"))
+    parser.add_argument("--ids-path", help="this round's sample ids (tools/sample_ids.txt) for accuracy/images/")
+    parser.add_argument("--output", required=True, help="directory to write <division>/<submitter>/ under")
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .cli import UserError
+
+    try:
+        result = write_submission([Path(r) for r in args.runs], [Path(a) for a in args.audits], Path(args.output),
+                                  args.submitter, args.system, args.division,
+                                  Path(args.ids_path) if args.ids_path else None)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"submission tree: {result['root']}")
+    for name, passed in sorted(result["compliance"].items()):
+        print(f"  {name}: {'TEST PASS' if passed else 'TEST FAIL'}")
+    for item in result["todo"]:
+        print(f"  to do: {item}")
+    return 0 if all(result["compliance"].values()) else 1
