@@ -15,7 +15,8 @@ def _user_error(exc: Exception):
     return UserError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def _add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation-network flags every command that computes FID/CLIP shares."""
     parser.add_argument("--inception-weights", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                                                      "(default: TORCH_HOME's hub cache)")
     parser.add_argument("--clip-weights", help="CLIP ViT-B-32 openai weights: OpenAI's ViT-B-32.pt or open_clip's "
@@ -26,7 +27,8 @@ def _add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per network call (default 8)")
 
 
-def _options(args: argparse.Namespace, missing: str = "error") -> AuditOptions:
+def audit_options(args: argparse.Namespace, missing: str = "error") -> AuditOptions:
+    """:class:`AuditOptions` from the flags of :func:`add_weight_arguments` (and ``--statistics-path``)."""
     from harness.cli import UserError
 
     if args.batch_size < 1:
@@ -46,7 +48,7 @@ def register(subparsers) -> None:
     accuracy.add_argument("--output", help="directory for accuracy.json and accuracy.txt (default: beside the log)")
     accuracy.add_argument("--compliance-images-path", help="write <idx>.png and captions.txt for --ids-path here")
     accuracy.add_argument("--ids-path", help="qsl indices of the compliance images (MLPerf: tools/sample_ids.txt)")
-    _add_weight_arguments(accuracy)
+    add_weight_arguments(accuracy)
     accuracy.set_defaults(func=run_accuracy)
 
     compare = subparsers.add_parser("compare", help="per-image PSNR/SSIM, FID and CLIP difference against a reference run")
@@ -54,7 +56,7 @@ def register(subparsers) -> None:
     compare.add_argument("--reference-log", required=True, help="the reference run's log (or run directory)")
     compare.add_argument("--dataset-path", help="captions TSV for the CLIP difference (default: run.json's)")
     compare.add_argument("--output", required=True, help="directory for per_image.csv, compare.json and the PNGs")
-    _add_weight_arguments(compare)
+    add_weight_arguments(compare)
     compare.set_defaults(func=run_compare)
 
     stats = subparsers.add_parser("fid-stats", help="FID statistics (mu, sigma npz) of a log's or a directory's images")
@@ -62,7 +64,7 @@ def register(subparsers) -> None:
     source.add_argument("--log", help="mlperf_log_accuracy.json (image size from its run.json, else 1024)")
     source.add_argument("--images", help="directory of image files (e.g. COCO val2014 images)")
     stats.add_argument("--output", required=True, help="npz file to write (keys mu, sigma)")
-    _add_weight_arguments(stats)
+    add_weight_arguments(stats)
     stats.set_defaults(func=run_fid_stats)
 
     prepare = subparsers.add_parser("prepare-dataset", help="MLPerf's captions TSVs from COCO annotation files")
@@ -81,7 +83,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
     try:
         log = resolve_log(args.log)
         output = Path(args.output) if args.output else log.parent
-        result = audit_log(log, dataset_path=args.dataset_path, output_dir=output, options=_options(args),
+        result = audit_log(log, dataset_path=args.dataset_path, output_dir=output, options=audit_options(args),
                            compliance_images_path=args.compliance_images_path, ids_path=args.ids_path)
     except (WeightsUnavailable, *INPUT_ERRORS) as exc:
         raise _user_error(exc) from None
@@ -96,7 +98,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     try:
         summary = compare_logs(resolve_log(args.log), resolve_log(args.reference_log), output_dir=args.output,
-                               dataset_path=args.dataset_path, options=_options(args, missing="na"))
+                               dataset_path=args.dataset_path, options=audit_options(args, missing="na"))
     except (WeightsUnavailable, *INPUT_ERRORS) as exc:
         raise _user_error(exc) from None
     print(format_compare_report(summary))
@@ -109,7 +111,7 @@ def run_fid_stats(args: argparse.Namespace) -> int:
     from .weights import WeightsUnavailable
 
     try:
-        options = _options(args)
+        options = audit_options(args)
         evaluators = build_evaluators(fid=True, clip=False, random_weights=options.random_weights,
                                       inception_weights=options.inception_weights, device=options.device)
         gaussian = fid_stats(args.output, evaluators.inception, log=args.log, images=args.images,

@@ -128,3 +128,36 @@ def test_performance_rules(test, scenario, reference, audit, passed):
     key = "qps" if scenario != "SingleStream" else "early_stopping_latency_s"
     verdict = verify_performance({"scenario": scenario, key: reference}, {"scenario": scenario, key: audit}, test)
     assert verdict.passed is passed, verdict.lines
+
+
+def test_test01_fallback_audits_both_image_sets_when_bytes_differ(runs, tmp_path):
+    """A 1-LSB difference (what batch-dependent kernels cause) fails the byte check; the fallback then
+    writes baseline/compliance accuracy.txt and compares their CLIP scores (random CLIP weights here);
+    without FID statistics it cannot pass, and says why."""
+    import shutil
+
+    from accuracy.report import AuditOptions
+
+    run_dir, _, audit_dir, _ = runs
+    copy = tmp_path / "test01"
+    shutil.copytree(audit_dir, copy, ignore=shutil.ignore_patterns("TEST01"))
+    record = json.loads((copy / "run.json").read_text())
+    record["tests"][0]["dir"] = str(copy / "performance")
+    (copy / "run.json").write_text(json.dumps(record))
+    log = copy / "performance" / "mlperf_log_accuracy.json"
+    entries = json.loads(log.read_text())
+    entries[0]["data"] = "01" + entries[0]["data"][2:]
+    log.write_text(json.dumps(entries))
+
+    result = verify("TEST01", run_dir, copy, tmp_path / "out", AuditOptions(random_weights=True, missing="na"))
+    assert not result["checks"]["accuracy"]["passed"]
+    fallback = result["checks"]["accuracy_fallback"]
+    clip = next(line for line in fallback["details"] if line.startswith("clip_score:"))
+    assert float(clip.split("delta ")[1].split("%")[0]) <= 1.0, clip  # one byte in one image moves CLIP by ~0
+    assert any(line.startswith("fid: not computable") for line in fallback["details"]) and not fallback["passed"]
+    assert "NOT COMPARABLE: random or unofficial evaluation weights" in fallback["details"]
+    for name in ("baseline", "compliance"):
+        assert "CLIP_SCORE" in (tmp_path / "out" / "accuracy" / f"{name}_accuracy.txt").read_text()
+    baseline = json.loads((tmp_path / "out" / "accuracy" / "baseline" / "mlperf_log_accuracy.json").read_text())
+    assert sorted(e["qsl_idx"] for e in baseline) == sorted({e["qsl_idx"] for e in entries})
+    assert not result["passed"]
