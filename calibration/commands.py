@@ -17,7 +17,10 @@ def register(subparsers) -> None:
                     "and write the encodings JSON, its AIMET 1.0.0 export and a per-layer SQNR report beside it.")
     parser.add_argument("--profile", default="tiny", help="model profile: tiny, sdxl-random or sdxl (default tiny)")
     parser.add_argument("--model-path", help="SDXL checkpoint directory (profile sdxl)")
-    parser.add_argument("--recipe", required=True, help="built-in recipe name (w8a8, w8a16, fp8, snpe-w8a8, w8a8-per-step, w8a8-mha, fp8-mha) or a recipe file")
+    from .recipes import builtin_recipes
+
+    parser.add_argument("--recipe", required=True,
+                        help=f"built-in recipe name ({', '.join(builtin_recipes())}) or a recipe file")
     parser.add_argument("--calibration-captions", help="calibration captions (MLPerf's train2014 list or TSV); "
                                                        "tiny defaults to its built-in captions")
     parser.add_argument("--num-prompts", type=int, help="use the first N captions")

@@ -42,6 +42,7 @@ class Verdict:
     name: str
     passed: bool
     lines: list[str] = field(default_factory=list)
+    ids: set[int] = field(default_factory=set)  # TEST01: the qsl indices the audit logged
 
     def text(self) -> str:
         return "\n".join([*self.lines, "TEST PASS" if self.passed else "TEST FAIL"]) + "\n"
@@ -50,8 +51,12 @@ class Verdict:
 def score(test: dict[str, Any]) -> tuple[float, str]:
     """A performance test's MLPerf score and its kind: samples/s (Offline, Server) or latency in s (SingleStream)."""
     if test["scenario"] in THROUGHPUT_SCENARIOS:
+        if not test.get("qps"):
+            raise ValueError(f"the {test['scenario']} test in {test.get('dir')} reports no samples/s to score")
         return float(test["qps"]), "throughput"
     value = test.get("early_stopping_latency_s") or test.get("p90_latency_s")
+    if not value:
+        raise ValueError(f"the {test['scenario']} test in {test.get('dir')} reports no latency to score")
     return float(value), "latency"
 
 
@@ -96,9 +101,9 @@ def verify_test01_accuracy(accuracy_log: Path, audit_log: Path, image_size: int)
     if passed and whole:
         lines.append("the first bytes match but whole responses differ: MLPerf's check passes, bytes are not identical")
     if not passed and common:
-        lines.append("fallback (MLPerf compliance README, part III): compare FID/CLIP of the audit's images with the "
-                     "accuracy run's (./run.sh compare; accepted within 2% FID, 1% CLIP)")
-    return Verdict("accuracy", passed, lines)
+        lines.append("MLPerf's fallback (compliance README, part III) compares FID/CLIP of the audit's images with "
+                     "the accuracy run's, within 2% / 1%: verify-compliance --fallback")
+    return Verdict("accuracy", passed, lines, set(audit))
 
 
 #: MLPerf's accepted |1 - baseline/compliance| x 100 per metric for TEST01's fallback (compliance_check.py)
@@ -111,22 +116,22 @@ def _write_baseline_log(accuracy_log: Path, ids: set[int], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     seen: set[int] = set()
-    with open(accuracy_log, "rb") as source, open(path, "w") as out:
+    partial = path.with_name(path.name + ".partial")  # renamed when complete: a crash leaves no log that loads
+    with open(accuracy_log, "rb") as source, open(partial, "w") as out:
         out.write("[")
         for entry in ijson.items(source, "item", buf_size=8 << 20):
             if entry.get("qsl_idx") in ids and entry["qsl_idx"] not in seen:
                 out.write(("," if seen else "") + "\n" + json.dumps(entry))
                 seen.add(entry["qsl_idx"])
         out.write("\n]\n")
+    partial.replace(path)
 
 
-def test01_fallback(accuracy_log: Path, audit_log: Path, run_json: Path, output: Path, options) -> Verdict:
-    """FID/CLIP of the audit's images against the same ids from the accuracy run (MLPerf's TEST01 fallback)."""
-    from accuracy.log_reader import iter_accuracy_log
+def test01_fallback(accuracy_log: Path, audit_log: Path, ids: set[int], run_json: Path, output: Path,
+                    options) -> Verdict:
+    """FID/CLIP of the audit's images (``ids``) against the same ids from the accuracy run (MLPerf's TEST01 fallback)."""
     from accuracy.report import audit_log as audit
 
-    image_size = int(json.loads(run_json.read_text())["image_size"])
-    ids = {qsl_idx for qsl_idx, _ in iter_accuracy_log(audit_log, image_size)}
     baseline_dir = output / "accuracy" / "baseline"
     _write_baseline_log(accuracy_log, ids, baseline_dir / "mlperf_log_accuracy.json")
     shutil.copy2(run_json, baseline_dir / "run.json")  # image size and captions for the audit of the subset
@@ -149,18 +154,24 @@ def test01_fallback(accuracy_log: Path, audit_log: Path, run_json: Path, output:
     return Verdict("accuracy_fallback", passed, lines)
 
 
-def _performance_test(run: dict[str, Any], where: Path) -> dict[str, Any]:
-    tests = [t for t in run.get("tests", []) if t.get("mode") == "performance" and "error" not in t]
-    if not tests:
-        raise ValueError(f"{where} has no completed performance test")
-    return tests[0]
-
-
-def _read_run(directory: Path) -> dict[str, Any]:
+def read_run(directory: Path) -> dict[str, Any]:
+    """A completed run's ``run.json``; a clear error for anything else."""
     path = directory / "run.json"
     if not path.is_file():
         raise ValueError(f"{path} not found: give run directories written by ./run.sh run")
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    if record.get("status") != "completed":
+        raise ValueError(f"{directory} did not complete (status {record.get('status')!r})")
+    return record
+
+
+def completed_test(record: dict[str, Any], mode: str, where: Path) -> dict[str, Any]:
+    """The run's completed test of ``mode`` (``performance`` / ``accuracy``)."""
+    for test in record.get("tests", []):
+        if test.get("mode") == mode and "error" not in test:
+            return test
+    raise ValueError(f"{where} has no completed {mode} test" +
+                     (" (TEST01 compares against the accuracy run's log: run with --mode both)" if mode == "accuracy" else ""))
 
 
 def verify(test: str, run_dir: Path, audit_dir: Path, output: Path | None = None, fallback_options=None) -> dict[str, Any]:
@@ -171,25 +182,23 @@ def verify(test: str, run_dir: Path, audit_dir: Path, output: Path | None = None
     """
     if test not in TESTS:
         raise ValueError(f"unknown compliance test {test!r}; choose {', '.join(TESTS)}")
-    run, audit = _read_run(run_dir), _read_run(audit_dir)
+    run, audit = read_run(run_dir), read_run(audit_dir)
     if not (audit.get("loadgen") or {}).get("audit_conf"):
         raise ValueError(f"{audit_dir} was not run with --audit-conf (the {test} audit.config)")
     for key in ("scenario", "profile", "image_size"):
         if run.get(key) != audit.get(key):
             raise ValueError(f"the runs differ in {key}: {run.get(key)!r} vs {audit.get(key)!r}")
-    reference_test, audit_test = _performance_test(run, run_dir), _performance_test(audit, audit_dir)
+    reference_test, audit_test = completed_test(run, "performance", run_dir), completed_test(audit, "performance", audit_dir)
     verdicts = [verify_performance(reference_test, audit_test, test)]
     if test == "TEST01":
-        accuracy = [t for t in run["tests"] if t.get("mode") == "accuracy" and "error" not in t]
-        if not accuracy:
-            raise ValueError(f"{run_dir} has no accuracy test: TEST01 compares against the accuracy run's log")
-        accuracy_log = Path(accuracy[0]["dir"]) / "mlperf_log_accuracy.json"
+        accuracy_log = Path(completed_test(run, "accuracy", run_dir)["dir"]) / "mlperf_log_accuracy.json"
         audit_log = Path(audit_test["dir"]) / "mlperf_log_accuracy.json"
         verdicts.insert(0, verify_test01_accuracy(accuracy_log, audit_log, int(run["image_size"])))
     output = output or audit_dir / test
     output.mkdir(parents=True, exist_ok=True)
     if test == "TEST01" and not verdicts[0].passed and fallback_options is not None:
-        verdicts.insert(1, test01_fallback(accuracy_log, audit_log, run_dir / "run.json", output, fallback_options))
+        verdicts.insert(1, test01_fallback(accuracy_log, audit_log, verdicts[0].ids, run_dir / "run.json", output,
+                                           fallback_options))
     byte_check, fallback = verdicts[0], next((v for v in verdicts if v.name == "accuracy_fallback"), None)
     accuracy_ok = byte_check.passed or (fallback is not None and fallback.passed)
     passed = all(v.passed for v in verdicts if v.name == "performance") and (test != "TEST01" or accuracy_ok)

@@ -127,6 +127,28 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      calibration=calibration, backend_extra=ort_flags)
 
 
+#: RunConfig fields spelled differently on the command line
+_FLAG_NAMES = {"time_s": "time"}
+#: RunConfig fields that are not flags of their own (or are the run's output, not its input)
+_NOT_FLAGS = ("modes", "output", "warmup", "calibration", "backend_extra")
+
+
+def run_flags(config: dict[str, Any]) -> list[str]:
+    """The ``run`` command line that reproduces a ``run.json`` ``config`` (inverse of :func:`config_from_args`)."""
+    modes = tuple(config.get("modes") or ("performance",))
+    flags = ["--mode", "both" if len(modes) > 1 else modes[0]]
+    if not config.get("warmup", True):
+        flags.append("--no-warmup")
+    settings = {k: v for k, v in config.items() if k not in _NOT_FLAGS}
+    settings.update(config.get("calibration") or {}, **(config.get("backend_extra") or {}))
+    for key, value in sorted(settings.items()):
+        if value is None or value is False or value in ("", [], {}):
+            continue
+        flag = "--" + _FLAG_NAMES.get(key, key).replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     record = execute_run(config_from_args(args))
     print_results_table([record])
@@ -269,8 +291,7 @@ def calibrate_for_run(config: RunConfig, output: Path) -> dict[str, Any]:
                                         cache_dir=config.cache_dir, show_progress=progress_enabled(),
                                         **config.calibration)
     return {"recipe": config.recipe, "encodings": str(output), "quantizers": encodings.num_quantizers(),
-            "seconds": encodings.calibration.get("seconds"), "size": encodings.size.get("total"),
-            **{k: v for k, v in config.calibration.items()}}
+            "seconds": encodings.calibration.get("seconds"), "size": encodings.size.get("total"), **config.calibration}
 
 
 def _call_in_child(name: str, function, *args) -> dict[str, Any]:

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .compliance import TESTS, verify
+from .compliance import TESTS, completed_test, read_run, verify
 
 BENCHMARK = "stable-diffusion-xl"
 SUMMARY_FILES = ("mlperf_log_summary.txt", "mlperf_log_detail.txt")
@@ -39,31 +39,6 @@ SYSTEM_FIELDS = ("division", "submitter", "status", "system_name", "number_of_no
                  "accelerator_memory_capacity", "framework", "operating_system", "system_type",
                  "other_software_stack", "host_networking", "host_networking_topology", "cooling", "hw_notes",
                  "sw_notes")
-
-
-def _read_run(directory: Path) -> dict[str, Any]:
-    path = directory / "run.json"
-    if not path.is_file():
-        raise ValueError(f"{path} not found: give run directories written by ./run.sh run")
-    record = json.loads(path.read_text())
-    if record.get("status") != "completed":
-        raise ValueError(f"{directory} did not complete (status {record.get('status')!r})")
-    return record
-
-
-def _test(record: dict[str, Any], mode: str, where: Path) -> dict[str, Any]:
-    for test in record.get("tests", []):
-        if test.get("mode") == mode and "error" not in test:
-            return test
-    raise ValueError(f"{where} has no completed {mode} test (a submission run needs --mode both)")
-
-
-def _copy(files: list[Path], directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for file in files:
-        if not file.is_file():
-            raise ValueError(f"{file} is missing")
-        shutil.copy2(file, directory / file.name)
 
 
 def _audit_test(record: dict[str, Any], where: Path) -> str:
@@ -92,12 +67,12 @@ def _measurements(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _readme(record: dict[str, Any]) -> str:
-    config = record.get("config") or {}
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(config.items())
-                     if v not in (None, False, "", [], {}) and k not in ("modes", "output", "backend_extra",
-                                                                         "calibration", "warmup"))
-    return (f"# {BENCHMARK} {record.get('scenario')}\n\nMade with sdxl-ptq-bench (git {(record.get('system') or {}).get('git_commit')}):\n\n"
-            f"```\n./run.sh run --mode both {flags}\n```\n\nBackend: {json.dumps(record.get('backend'))}\n")
+    from .run_command import run_flags
+
+    command = " ".join(["./run.sh", "run", *run_flags(record.get("config") or {})])
+    return (f"# {BENCHMARK} {record.get('scenario')}\n\nMade with sdxl-ptq-bench (git "
+            f"{(record.get('system') or {}).get('git_commit')}):\n\n```\n{command}\n```\n\n"
+            f"Backend: {json.dumps(record.get('backend'))}\n")
 
 
 def _system_description(record: dict[str, Any], division: str, submitter: str, system: str) -> dict[str, Any]:
@@ -111,80 +86,116 @@ def _system_description(record: dict[str, Any], division: str, submitter: str, s
     return {field: described.get(field, "") for field in SYSTEM_FIELDS}
 
 
+def _required(files: list[Path]) -> list[Path]:
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return files
+
+
+def _copy(files: list[Path], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        shutil.copy2(file, directory / file.name)
+
+
 def write_submission(runs: list[Path], audits: list[Path], output: Path, submitter: str, system: str,
                      division: str = "closed", ids_path: Path | None = None) -> dict[str, Any]:
-    """Lay the runs and audits out; returns what was written, the compliance verdicts and what is left to do."""
+    """Lay the runs and audits out; returns what was written, the compliance verdicts and what is left to do.
+
+    Every input is checked before anything is written, and the tree is built beside its place and
+    renamed into it at the end, so a failure leaves no half submission.
+    """
     if division not in ("closed", "open"):
         raise ValueError(f"--division {division}: closed or open")
     root = output / division / submitter
-    scenarios: dict[str, tuple[Path, dict[str, Any]]] = {}
+    if root.exists():
+        raise ValueError(f"{root} exists: remove it or choose another --output")
+    scenarios: dict[str, tuple[Path, dict[str, Any], list[Path], list[Path]]] = {}
     for run_dir in runs:
-        record = _read_run(run_dir)
+        record = read_run(run_dir)
         if division == "closed" and not record.get("compliant"):
             raise ValueError(f"{run_dir} is not a closed-division run: {'; '.join(record.get('non_compliance_reasons', []))}"
                              " (--division open to submit it there)")
         scenario = record["scenario"]
         if scenario in scenarios:
             raise ValueError(f"two runs of {scenario}: {scenarios[scenario][0]} and {run_dir}")
-        scenarios[scenario] = (run_dir, record)
-    written, verdicts, todo = [], {}, []
-    for scenario, (run_dir, record) in sorted(scenarios.items()):
-        where = f"{system}/{BENCHMARK}/{scenario}"
-        perf, acc = _test(record, "performance", run_dir), _test(record, "accuracy", run_dir)
-        results = root / "results" / where
-        _copy([Path(perf["dir"]) / f for f in SUMMARY_FILES], results / "performance" / "run_1")
-        acc_dir = Path(acc["dir"])
-        _copy([acc_dir / f for f in (*SUMMARY_FILES, "mlperf_log_accuracy.json", "accuracy.txt")], results / "accuracy")
-        if ids_path is not None:
-            written.append(_sample_images(record, acc_dir / "mlperf_log_accuracy.json", ids_path,
-                                          results / "accuracy" / "images"))
-        else:
-            todo.append(f"{scenario}: accuracy/images/<id>.png for this round's sample ids (--ids-path)")
-        measurements = root / "measurements" / where
-        measurements.mkdir(parents=True, exist_ok=True)
-        (measurements / "measurements.json").write_text(json.dumps(_measurements(record), indent=1) + "\n")
-        shutil.copy2(record["loadgen"]["user_conf"], measurements / "user.conf")
-        (measurements / "README.md").write_text(_readme(record))
-        written += [str(results), str(measurements)]
+        perf = Path(completed_test(record, "performance", run_dir)["dir"])
+        acc = Path(completed_test(record, "accuracy", run_dir)["dir"])
+        scenarios[scenario] = (run_dir, record, _required([perf / f for f in SUMMARY_FILES]),
+                               _required([acc / f for f in (*SUMMARY_FILES, "mlperf_log_accuracy.json", "accuracy.txt")]))
+    checked_audits: dict[str, tuple[Path, str, list[Path]]] = {}
     for audit_dir in audits:
-        record = _read_run(audit_dir)
+        record = read_run(audit_dir)
         test, scenario = _audit_test(record, audit_dir), record["scenario"]
         if scenario not in scenarios:
             raise ValueError(f"audit {audit_dir} is of {scenario}, but no run of {scenario} was given")
-        target = root / "compliance" / system / BENCHMARK / scenario / test
-        result = verify(test, scenarios[scenario][0], audit_dir, target)
-        audit_perf = Path(_test(record, "performance", audit_dir)["dir"])
-        _copy([audit_perf / f for f in SUMMARY_FILES], target / "performance" / "run_1")
-        if test == "TEST01":
-            _copy([audit_perf / "mlperf_log_accuracy.json"], target / "accuracy")
-        verdicts[f"{scenario}/{test}"] = result["passed"]
-        written.append(str(target))
-    for scenario in sorted(scenarios):
-        todo += [f"{scenario}: {test} audit run (./run.sh run --audit-conf ...)" for test in TESTS
-                 if f"{scenario}/{test}" not in verdicts]
-    systems = root / "systems"
-    systems.mkdir(parents=True, exist_ok=True)
-    description = _system_description(next(iter(scenarios.values()))[1], division, submitter, system)
-    (systems / f"{system}.json").write_text(json.dumps(description, indent=1) + "\n")
-    todo += [f"systems/{system}.json: fill {', '.join(k for k, v in description.items() if v == '')}"]
+        if f"{scenario}/{test}" in checked_audits:
+            raise ValueError(f"two {test} audits of {scenario}: {checked_audits[f'{scenario}/{test}'][0]} and {audit_dir}")
+        perf = Path(completed_test(record, "performance", audit_dir)["dir"])
+        logs = [perf / f for f in SUMMARY_FILES] + ([perf / "mlperf_log_accuracy.json"] if test == "TEST01" else [])
+        checked_audits[f"{scenario}/{test}"] = (audit_dir, test, _required(logs))
+    ids = None
+    if ids_path is not None:
+        from accuracy.compliance_images import read_ids
+
+        ids = read_ids(ids_path)
+
+    staging = root.with_name(root.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        written, verdicts, todo = [], {}, []
+        for scenario, (run_dir, record, perf_logs, acc_logs) in sorted(scenarios.items()):
+            where = f"{system}/{BENCHMARK}/{scenario}"
+            results = staging / "results" / where
+            _copy(perf_logs, results / "performance" / "run_1")
+            _copy(acc_logs, results / "accuracy")
+            if ids is not None:
+                _sample_images(record, acc_logs[2], ids, results / "accuracy" / "images")
+            else:
+                todo.append(f"{scenario}: accuracy/images/<id>.png for this round's sample ids (--ids-path)")
+            measurements = staging / "measurements" / where
+            measurements.mkdir(parents=True, exist_ok=True)
+            (measurements / "measurements.json").write_text(json.dumps(_measurements(record), indent=1) + "\n")
+            shutil.copy2(record["loadgen"]["user_conf"], measurements / "user.conf")
+            (measurements / "README.md").write_text(_readme(record))
+            written += [f"results/{where}", f"measurements/{where}"]
+        for name, (audit_dir, test, logs) in sorted(checked_audits.items()):
+            scenario = name.split("/")[0]
+            target = staging / "compliance" / system / BENCHMARK / scenario / test
+            verdicts[name] = verify(test, scenarios[scenario][0], audit_dir, target)["passed"]
+            _copy(logs[:2], target / "performance" / "run_1")
+            if test == "TEST01":
+                _copy(logs[2:], target / "accuracy")
+            written.append(f"compliance/{system}/{BENCHMARK}/{scenario}/{test}")
+        for scenario in sorted(scenarios):
+            todo += [f"{scenario}: {test} audit run (./run.sh run --audit-conf ...)" for test in TESTS
+                     if f"{scenario}/{test}" not in verdicts]
+        description = _system_description(next(iter(scenarios.values()))[1], division, submitter, system)
+        (staging / "systems").mkdir(parents=True, exist_ok=True)
+        (staging / "systems" / f"{system}.json").write_text(json.dumps(description, indent=1) + "\n")
+        todo += [f"systems/{system}.json: fill {', '.join(k for k, v in description.items() if v == '')}"]
+        staging.replace(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left behind
+        raise
     return {"root": str(root), "written": written, "compliance": verdicts, "todo": todo}
 
 
-def _sample_images(record: dict[str, Any], log: Path, ids_path: Path, directory: Path) -> str:
+def _sample_images(record: dict[str, Any], log: Path, ids: list[int], directory: Path) -> None:
     """The round's sample images (``<id>.png`` + ``captions.txt``), streamed from the accuracy log."""
-    from accuracy.compliance_images import ComplianceImageWriter, read_ids
+    from accuracy.compliance_images import ComplianceImageWriter
     from accuracy.log_reader import iter_accuracy_log
 
     from .dataset import load_captions
 
     captions = load_captions(record["dataset"]["path"], record.get("max_samples")).captions
-    writer = ComplianceImageWriter(directory, read_ids(ids_path), captions)
+    writer = ComplianceImageWriter(directory, ids, captions)
     for qsl_idx, image in iter_accuracy_log(log, int(record["image_size"])):
         writer(qsl_idx, image)
     missing = writer.describe()["missing"]
     if missing:
         raise ValueError(f"the accuracy log has no image for sample ids {missing[:5]}")
-    return str(directory)
 
 
 def register(subparsers) -> None:

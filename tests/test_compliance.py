@@ -115,6 +115,21 @@ def test_submission_tree_from_a_run_and_its_audits(runs, test04_run, tmp_path, c
     system = json.loads((root / "systems" / "epyc2c.json").read_text())
     assert system["submitter"] == "acme" and system["division"] == "open" and system["host_processor_model_name"]
     assert "Offline/TEST01:" in printed and "to do: systems/epyc2c.json: fill" in printed
+    assert "./run.sh run --mode both" in (measurements / "README.md").read_text()
+    # the tree exists now: a second call refuses instead of mixing two submissions
+    assert main([*flags, "--division", "open"]) == 2
+    assert "exists: remove it or choose another --output" in capsys.readouterr().err
+
+
+def test_submission_with_a_bad_input_writes_nothing(runs, tmp_path, capsys):
+    run_dir, _, test01_dir, _ = runs
+    ids = tmp_path / "ids.txt"
+    ids.write_text("0\n999\n")  # 999 is no row of the run's captions
+    assert main(["submission", "--runs", str(run_dir), "--audits", str(test01_dir), "--submitter", "acme",
+                 "--system", "s", "--division", "open", "--ids-path", str(ids), "--output", str(tmp_path / "sub")]) == 2
+    assert "are not rows of the" in capsys.readouterr().err
+    assert not (tmp_path / "sub" / "open" / "acme").exists()
+    assert not (tmp_path / "sub" / "open" / "acme.partial").exists()
 
 
 @pytest.mark.parametrize("test, scenario, reference, audit, passed", [

@@ -81,3 +81,18 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_run_flags_reproduce_the_config():
+    """``run_flags`` (the command line the submission README records) parses back to the same RunConfig."""
+    from harness.cli import build_parser
+    from harness.run_command import config_from_args, run_flags
+
+    given = ["run", "--recipe", "w8a8", "--num-prompts", "2", "--timesteps", "single", "--backend", "ort",
+             "--ort-threads", "1", "--time", "5", "--save-images", "--mode", "both", "--no-warmup",
+             "--max-batchsize", "4", "--output", "x"]
+    config = config_from_args(build_parser().parse_args(given)).to_dict()
+    again = config_from_args(build_parser().parse_args(["run", *run_flags(config)])).to_dict()
+    assert again.pop("output") != config.pop("output")  # the run directory is the one thing left out
+    assert again == config
+    assert "--time" in run_flags(config) and "--save-images" in run_flags(config)
