@@ -56,6 +56,31 @@ def child(mode: str, log: str, captions: str) -> dict:
             "rss_after_load_mb": base, "peak_rss_mb": peak_rss_mb(), "growth_mb": peak_rss_mb() - base}
 
 
+def parse_ms(log: Path, repeats: int = 3) -> dict[str, float]:
+    """ms to parse one 1024^2 entry: ijson with its default 64 KB reads, with the reader's 8 MB reads, json.loads."""
+    import io
+
+    import ijson
+
+    with open(log, "rb") as handle:
+        first = next(ijson.items(handle, "item", buf_size=8 << 20))
+    blob = json.dumps([first]).encode()
+    ways = {"ijson 64 KB reads": lambda: list(ijson.items(io.BytesIO(blob), "item")),
+            "ijson 8 MB reads": lambda: list(ijson.items(io.BytesIO(blob), "item", buf_size=8 << 20)),
+            "json.loads": lambda: json.loads(blob)}
+    out = {}
+    for name, way in ways.items():
+        way()
+        out[name] = min(_timed(way) for _ in range(repeats)) * 1e3
+    return out
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def make_log(path: Path, n: int) -> None:
     from accuracy_helpers import random_images, write_accuracy_log
 
@@ -92,6 +117,7 @@ def main() -> int:
                                  capture_output=True, text=True, env={"SDXL_BENCH_NO_PROGRESS": "1", **__import__("os").environ})
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]))
+    print("parse one entry (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in parse_ms(workdir / f"log_{args.sizes[0]}.json").items()))
     for mode in ("stream", "whole-json"):
         growth = [r["growth_mb"] for r in rows if r["mode"] == mode]
         if len(growth) >= 2:

@@ -60,21 +60,94 @@ def _calibrate(unet: torch.nn.Module, recipe: str, inputs: tuple):
     return quantize(unet, recipe, loop, component="unet", apply=False)
 
 
-def unet_variants(unet: torch.nn.Module, cache: Path, threads: int) -> tuple[dict, tuple]:
-    """name -> a callable running one CFG UNet call, for every variant, plus the inputs."""
+def unet_variants(unet: torch.nn.Module, cache: Path, threads: int) -> tuple[dict, tuple, dict]:
+    """name -> a callable running one CFG UNet call, for every variant; the inputs; name -> ORT model path."""
     inputs = unet_signature(unet, batch=2).example_inputs
     feeds = dict(zip(("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"), inputs))
     w8a8 = _calibrate(unet, "w8a8", inputs).components["unet"]
     fake_quant = copy.deepcopy(unet)
     apply_encodings(fake_quant, w8a8, "unet")
     variants = {"torch FP32": lambda: _unet_call(unet, inputs), "torch fake-quant (w8a8)": lambda: _unet_call(fake_quant, inputs)}
-    sessions = {"ORT FP32": create_session(build_unet_model(unet, {}, cache / "fp32", show_progress=False), "cpu", threads)}
+    models = {"ORT FP32": build_unet_model(unet, {}, cache / "fp32", show_progress=False)}
     for name, recipe in RECIPES.items():
         entries = w8a8 if recipe == "w8a8" else _calibrate(unet, recipe, inputs).components["unet"]
-        sessions[name] = create_session(build_unet_model(unet, entries, cache / recipe, show_progress=False), "cpu", threads)
-    for name, session in sessions.items():
+        models[name] = build_unet_model(unet, entries, cache / recipe, show_progress=False)
+    for name, path in models.items():
+        session = create_session(path, "cpu", threads)
         variants[name] = lambda session=session: run_bound(session, feeds, "noise_pred", inputs[0].shape)
-    return variants, inputs
+    return variants, inputs, models
+
+
+def kernel_shares(model: Path, inputs: tuple, threads: int, runs: int = 3) -> dict[str, float]:
+    """Share of ONNX Runtime's kernel time per op type (its profiler, ``runs`` calls after a warm-up).
+
+    What tells whether the integer kernels fired: an INT8 model whose time sits in fp32 ``Conv`` and
+    ``DequantizeLinear`` runs its convolutions in floating point.
+    """
+    import json as _json
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    feeds = {name: t.numpy() for name, t in zip(("sample", "timestep", "encoder_hidden_states", "text_embeds",
+                                                   "time_ids"), inputs)}
+    session.run(None, feeds)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(model.with_name("profile"))
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feeds)
+    events = _json.loads(Path(session.end_profiling()).read_text())
+    times: Counter = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            times[event["args"]["op_name"]] += event["dur"]
+    total = sum(times.values()) or 1
+    return {op: t / total for op, t in times.most_common()}
+
+
+def conv_kernels(channels: int = 320, size: int = 32, repeats: int = 10) -> dict[str, float]:
+    """ms of one 3x3 conv (batch 2, SDXL's first-level width) as fp32 ``Conv``, ``ConvInteger`` and ``QLinearConv``.
+
+    ``ConvInteger`` would keep a ``w8a8`` model's numerics (no output quantizer); ``QLinearConv`` is
+    what ONNX Runtime fuses when a QuantizeLinear follows the conv.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shape = [2, channels, size, size]
+    w = rng.standard_normal((channels, channels, 3, 3)).astype(np.float32)
+    wq = rng.integers(-127, 127, (channels, channels, 3, 3)).astype(np.int8)
+    scalars = {"xs": np.array(0.02, np.float32), "xz": np.array(128, np.uint8), "ws": np.array(0.01, np.float32),
+               "wz": np.array(0, np.int8), "ys": np.array(0.05, np.float32), "yz": np.array(128, np.uint8)}
+
+    def session(node, in_type, out_type, weight, extra=()):
+        inits = [numpy_helper.from_array(weight, "w")] + [numpy_helper.from_array(scalars[k], k) for k in extra]
+        graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", in_type, shape)],
+                                  [helper.make_tensor_value_info("y", out_type, None)], initializer=inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    pads = {"pads": [1, 1, 1, 1]}
+    x32, x8 = rng.standard_normal(shape).astype(np.float32), rng.integers(0, 255, shape).astype(np.uint8)
+    kernels = {
+        "fp32 Conv": (session(helper.make_node("Conv", ["x", "w"], ["y"], **pads), TensorProto.FLOAT, TensorProto.FLOAT, w), x32),
+        "ConvInteger": (session(helper.make_node("ConvInteger", ["x", "w", "xz"], ["y"], **pads), TensorProto.UINT8,
+                                TensorProto.INT32, wq, ("xz",)), x8),
+        "QLinearConv": (session(helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], **pads),
+                                TensorProto.UINT8, TensorProto.UINT8, wq, ("xs", "xz", "ws", "wz", "ys", "yz")), x8)}
+    out = {}
+    for name, (sess, x) in kernels.items():
+        sess.run(None, {"x": x})
+        out[name] = min(_timed(lambda: sess.run(None, {"x": x})) for _ in range(repeats)) * 1e3
+    return out
 
 
 def interleaved_best(variants: dict, repeats: int) -> dict[str, float]:
@@ -199,15 +272,18 @@ def main() -> int:
 
     tiny_unet = load_components(model_spec("tiny"), show_progress=False).unet
     models = {"tiny": tiny_unet, "sdxl-width slice": sdxl_width_slice()}
-    latency, shares = {}, {}
+    latency, shares, profiles = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
         for label, unet in models.items():
             print(f"preparing {label}: calibrating, exporting", flush=True)
-            variants, inputs = unet_variants(unet, Path(tmp) / label.replace(" ", "-"), threads)
+            variants, inputs, onnx_models = unet_variants(unet, Path(tmp) / label.replace(" ", "-"), threads)
             latency[label] = interleaved_best(variants, args.repeats)
             shares[label] = quantized_mac_share(unet, _calibrate(unet, "w8a8", inputs).components["unet"], inputs)
             if label == "tiny":
                 tiny_inputs = inputs
+            else:
+                profiles = {name: kernel_shares(path, inputs, threads) for name, path in onnx_models.items()}
+    convs = conv_kernels()
     ceilings = gemm_ceilings()
     components = component_macs()
     e2e = {} if args.skip_e2e else end_to_end(args.images, tiny_unet, tiny_inputs)
@@ -232,6 +308,10 @@ def main() -> int:
         vs_torch, vs_ort = speedup["vs_torch_fp32"], speedup["vs_ort_fp32"]
         print(f"{name} speed-up: {vs_torch:.2f}x over torch FP32 ({vs_torch / bound:.0%} of bound), "
               f"{vs_ort:.2f}x over ORT FP32 ({vs_ort / bound:.0%} of bound); goal >= 80%")
+    print("\nslice: ONNX Runtime kernel time by op type (its profiler)")
+    for name, share in profiles.items():
+        print(f"  {name}: " + ", ".join(f"{op} {v:.0%}" for op, v in list(share.items())[:5]))
+    print("one 3x3 conv, 2x320x32x32 (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in convs.items()))
     total = sum(components.values())
     print("\nfull-size SDXL compute per 1024^2 image (meta-device count): " +
           ", ".join(f"{name} {v:.2f} TMAC ({v / total:.1%})" for name, v in components.items()))
@@ -243,7 +323,8 @@ def main() -> int:
     write_json_atomic(path, {"benchmark": "backends", "system": system_description(), "threads": threads,
                              "unet_latency_s": latency, "quantized_mac_share": shares, "gemm": ceilings,
                              "amdahl_bound": bound, "a8w8_speedup": speedups,
-                             "full_size_tmac_per_image": components,
+                             "full_size_tmac_per_image": components, "slice_kernel_shares": profiles,
+                             "conv_kernels_ms": convs,
                              "end_to_end_images_per_s": e2e})
     print(f"\nwritten {path}")
     return 0

@@ -36,8 +36,8 @@ def images_to_uint8(images: torch.Tensor, from_vae: bool = False) -> np.ndarray:
 
     ``from_vae``: the input is the VAE's output in [-1, 1], first mapped by diffusers' postprocess
     ``(x / 2 + 0.5).clamp(0, 1)`` in its own dtype. The same elementwise float32 ops as the reference, so
-    the bytes are identical; one image at a time, so a batch never makes 100 MB temporaries (batch 8 at
-    1024²: 6 ms per image, against 21-25 ms batch-wide), and only the 1-byte result is transposed.
+    the bytes are identical; one image at a time, so a batch never makes 100 MB temporaries (bench/harness.py,
+    batch 8 at 1024²: 7.8 ms per image, against 18.3 ms batch-wide), and only the 1-byte result is transposed.
     """
     n, channels, height, width = images.shape
     out = np.empty((n, height, width, channels), dtype=np.uint8)

@@ -11,10 +11,8 @@ os.environ.setdefault("SDXL_BENCH_NO_PROGRESS", "1")
 # before any test module imports torch (libgomp reads it once): see harness.cli.quiet_openmp_waits
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # one intra-op thread for the tiny models the suite runs (LoadGen children and subprocesses inherit it):
-# their ops are too small to split, so a second thread mostly adds barriers. Measured on a 2-core
-# AVX512-VNNI EPYC: a tiny image in 1.8 s at 1 thread vs 2.6 s at 2 when idle; with a busy loop on one
-# core, the pipeline + tiny LoadGen tests took 32 s at 1 thread vs 31 s at 2 (PASSIVE waits); with
-# spinning (ACTIVE) waits 2 threads ran 5-20x slower on a loaded machine (bench/threads.py).
+# their ops are too small to split. bench/threads.py on a quiet 2-core EPYC, one tiny CFG UNet call
+# with PASSIVE waits (the harness default): 90 ms median at 1 thread, 120 ms at 2.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
