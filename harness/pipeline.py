@@ -20,6 +20,7 @@ from diffusers import EulerDiscreteScheduler
 from backends.base import Backend
 
 from .benchmark_spec import GUIDANCE_SCALE, NEGATIVE_PROMPT, NUM_INFERENCE_STEPS
+from .image_bytes import images_to_uint8
 from .models import ModelSpec
 from .tokenizers import tokenize
 
@@ -29,26 +30,6 @@ def make_scheduler(scheduler_config: dict, steps: int = NUM_INFERENCE_STEPS) -> 
     scheduler = EulerDiscreteScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(steps, device="cpu")
     return scheduler
-
-
-def images_to_uint8(images: torch.Tensor, from_vae: bool = False) -> np.ndarray:
-    """``(N, 3, H, W)`` floats in [0, 1] -> ``(N, H, W, 3)`` uint8, as the reference's ``(x*255).round()``.
-
-    ``from_vae``: the input is the VAE's output in [-1, 1], first mapped by diffusers' postprocess
-    ``(x / 2 + 0.5).clamp(0, 1)`` in its own dtype. The same elementwise float32 ops as the reference, so
-    the bytes are identical; one image at a time, so a batch never makes 100 MB temporaries (bench/harness.py,
-    batch 8 at 1024²: 7.8 ms per image, against 18.3 ms batch-wide), and only the 1-byte result is transposed.
-    """
-    n, channels, height, width = images.shape
-    out = np.empty((n, height, width, channels), dtype=np.uint8)
-    target = torch.from_numpy(out)
-    for i in range(n):
-        image = images[i]
-        if from_vae:
-            image = (image / 2 + 0.5).clamp_(0, 1)
-        scaled = image.float().mul(255.0).round_().to(torch.uint8)  # float() copies only non-fp32 input
-        target[i].copy_(scaled.permute(1, 2, 0))  # from the device, if any: 4x fewer bytes than the floats
-    return out
 
 
 def cfg_conditioning(negative: dict[str, torch.Tensor], embeds: torch.Tensor,
@@ -109,10 +90,10 @@ class SDXLPipeline:
         (calibration uses it to capture timestep-aware data). ``max_steps`` stops the loop early: a
         warm-up needs every kernel at every shape once, not the whole schedule.
         """
-        scheduler = copy.deepcopy(self._scheduler)
         latents = latent.to(self.backend.device, self.backend.dtype).expand(n, -1, -1, -1)
         if not self.backend.runs_model:
             return latents  # the null backend measures the harness's overhead: no denoising math
+        scheduler = copy.deepcopy(self._scheduler)
         latents = latents * scheduler.init_noise_sigma
         for step, t in enumerate(scheduler.timesteps[:max_steps]):
             latent_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)

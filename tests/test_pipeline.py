@@ -6,7 +6,8 @@ import torch
 
 from harness.benchmark_spec import GUIDANCE_SCALE, NEGATIVE_PROMPT, NUM_INFERENCE_STEPS
 from harness.latents import draw_latent
-from harness.pipeline import images_to_uint8, make_scheduler
+from harness.image_bytes import images_to_uint8
+from harness.pipeline import make_scheduler
 from harness.tokenizers import tokenize
 
 # two prompts, batch 2 vs 1: batch 2 already takes the batched GEMM kernels that make TEST01's bytes
@@ -82,15 +83,37 @@ def test_uint8_conversion_matches_reference_rounding():
     assert out[0, 0, :, 0].tolist() == [0, 0, 2, 2, 255, 255]  # round half to even, as numpy
 
 
+def _reference_uint8(decoded: torch.Tensor) -> np.ndarray:
+    """diffusers' ``VaeImageProcessor.postprocess(output_type="pt")`` in the VAE's dtype, then MLPerf's
+    ``(x*255).round()`` per image, as the reference's backend and ``PostProcessCoco`` write them."""
+    pt = (decoded / 2 + 0.5).clamp(0, 1)
+    return np.stack([(x.permute(1, 2, 0).float().numpy() * 255).round().astype(np.uint8) for x in pt])
+
+
+def test_compiled_uint8_conversion_equals_the_reference_at_every_rounding_tie():
+    """The CPU path is a compiled loop, not the reference's torch ops: it must round exactly as they do.
+
+    Every float32 within 64 ulps of each of the 255 points where ``(x/2 + 0.5) * 255`` crosses a
+    half-integer (where round-half-to-even, or a fused multiply-add, would show), both ends of the
+    clamp, and the values just outside them.
+    """
+    ties = torch.tensor([(2 * k + 1) / 255 - 1 for k in range(255)] + [-1.0, 1.0], dtype=torch.float32)
+    bits = ties.view(torch.int32)[:, None] + torch.arange(-64, 65, dtype=torch.int32)
+    values = bits.view(torch.float32).flatten()
+    values = values[: values.numel() // 3 * 3]
+    decoded = values.view(1, 3, 1, -1)
+    np.testing.assert_array_equal(images_to_uint8(decoded, from_vae=True), _reference_uint8(decoded))
+    assert decoded.view(torch.int32).flatten().tolist() == bits.flatten()[: values.numel()].tolist()  # not modified
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vae_output_to_uint8_equals_the_reference_composition(dtype):
     """Per-image postprocess + conversion == diffusers' batch postprocess, then MLPerf's ``(x*255).round()``."""
     g = torch.Generator().manual_seed(0)
     decoded = (torch.rand(2, 3, 70, 96, generator=g) * 2.4 - 1.2).to(dtype)
     ours = images_to_uint8(decoded, from_vae=True)
-    pt = (decoded / 2 + 0.5).clamp(0, 1)  # diffusers' VaeImageProcessor.postprocess(output_type="pt"), in its dtype
-    reference = np.stack([(x.permute(1, 2, 0).float().numpy() * 255).round().astype(np.uint8) for x in pt])
+    reference = _reference_uint8(decoded)
     assert ours.shape == (2, 70, 96, 3) and ours.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(ours, reference)
     assert ours.min() == 0 and ours.max() == 255  # the clamp was exercised
-    np.testing.assert_array_equal(images_to_uint8(pt), reference)  # [0, 1] input: the same bytes
+    np.testing.assert_array_equal(images_to_uint8((decoded / 2 + 0.5).clamp(0, 1)), reference)  # [0, 1] input
