@@ -98,12 +98,15 @@ def test_compiled_uint8_conversion_equals_the_reference_at_every_rounding_tie():
     clamp, and the values just outside them.
     """
     ties = torch.tensor([(2 * k + 1) / 255 - 1 for k in range(255)] + [-1.0, 1.0], dtype=torch.float32)
-    bits = ties.view(torch.int32)[:, None] + torch.arange(-64, 65, dtype=torch.int32)
-    values = bits.view(torch.float32).flatten()
-    values = values[: values.numel() // 3 * 3]
-    decoded = values.view(1, 3, 1, -1)
+    below, above = [ties], [ties]
+    for _ in range(64):  # one ulp at a time, so the neighbours of 0.0 are tiny floats, not NaN bit patterns
+        below.append(torch.nextafter(below[-1], torch.tensor(-2.0)))
+        above.append(torch.nextafter(above[-1], torch.tensor(2.0)))
+    values = torch.stack(below[:0:-1] + above, dim=1).flatten()
+    decoded = values[: values.numel() // 3 * 3].view(1, 3, 1, -1)
+    original = decoded.clone()
     np.testing.assert_array_equal(images_to_uint8(decoded, from_vae=True), _reference_uint8(decoded))
-    assert decoded.view(torch.int32).flatten().tolist() == bits.flatten()[: values.numel()].tolist()  # not modified
+    assert torch.equal(decoded, original)  # the input is not modified
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
