@@ -45,10 +45,13 @@ def null_overhead(stamp: str) -> list[dict]:
         (test,) = record.tests
         per_query = 1.0 / test["qps"] if scenario == "Offline" else test["mean_latency_s"]
         latency = {} if scenario == "Offline" else test  # Offline's latencies are those of its one query
+        sut = test["sut"]
+        sut_ms = sut["timing_ms"]["service_per_batch"]["mean"] * sum(sut["batch_sizes"].values()) / sut["samples"]
         rows.append({"scenario": scenario, "max_batch": batch, "queries": test["samples"],
                      "validity": test["validity"], "per_query_ms": per_query * 1e3,
                      "p50_ms": latency.get("p50_latency_s", 0) * 1e3,
-                     "p99_ms": latency.get("p99_latency_s", 0) * 1e3})
+                     "p99_ms": latency.get("p99_latency_s", 0) * 1e3, "sut_service_ms_per_sample": sut_ms,
+                     "sut_queue_wait_p50_ms": sut["timing_ms"]["queue_wait_per_sample"]["p50"]})
     return rows
 
 
@@ -151,11 +154,14 @@ def main() -> int:
 
     print(f"CPU: {system_description()['cpu_model']} ({isa_summary()}), torch threads {torch.get_num_threads()}\n")
     print("null backend at 1024x1024 (the harness's own per-query overhead; goal <= 1 ms)")
-    print("(Offline: wall time per sample; SingleStream and Server: mean latency)")
-    print(format_table(["scenario", "max batch", "queries", "result", "per query (ms)", "p50 (ms)", "p99 (ms)"],
+    print("(Offline: wall time per sample; SingleStream and Server: mean latency. SUT: the SUT's own work per\n"
+          " sample, from a worker taking the batch to QuerySamplesComplete, and the wait for a worker)")
+    print(format_table(["scenario", "max batch", "queries", "result", "per query (ms)", "p50 (ms)", "p99 (ms)",
+                        "SUT work (ms)", "SUT wait p50 (ms)"],
                        [[r["scenario"], str(r["max_batch"]), str(r["queries"]), r["validity"],
                          f"{r['per_query_ms']:.3f}", f"{r['p50_ms']:.3f}" if r["p50_ms"] else "-",
-                         f"{r['p99_ms']:.2f}" if r["p99_ms"] else "-"] for r in overhead]))
+                         f"{r['p99_ms']:.2f}" if r["p99_ms"] else "-", f"{r['sut_service_ms_per_sample']:.3f}",
+                         f"{r['sut_queue_wait_p50_ms']:.3f}"] for r in overhead]))
     print("VAE output -> uint8 HWC bytes, ms per 1024x1024 image (median): " + "; ".join(
         f"{batch}: ours {v['ours']:.2f}, reference's postprocessing {v['reference']:.2f}" for batch, v in convert.items()))
     print("ours after a busy-wait (the image left to the shared cache meanwhile): " + "; ".join(

@@ -53,7 +53,7 @@ def images_to_uint8(images: torch.Tensor, from_vae: bool = False) -> np.ndarray:
     for i in range(n):
         image = images[i]
         if image.device.type == "cpu" and image.dtype == torch.float32:
-            _planes_to_hwc(image.contiguous().numpy(), out[i], from_vae)
+            _planes_to_hwc(image.numpy(), out[i], from_vae)  # any strides (a channels-last VAE): no copy
             continue
         if from_vae:
             image = (image / 2 + 0.5).clamp_(0, 1)  # diffusers' postprocess, in the VAE's dtype

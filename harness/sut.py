@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -33,13 +34,34 @@ _STOP = object()
 
 @dataclass
 class SUTStats:
+    """What the SUT did, and where its share of LoadGen's latency went.
+
+    ``queue_wait_ns`` (per sample: from ``issue_queries`` to a worker taking it) and ``service_ns``
+    (per batch: from taking it to calling ``QuerySamplesComplete``, where LoadGen stamps the end of
+    each sample's latency) split a query's latency into waiting for a worker and the work itself;
+    what LoadGen reports beyond their sum is LoadGen's own scheduling. Server runs are tuned with
+    exactly this split.
+    """
+
     batches: Counter = field(default_factory=Counter)  # batch size -> count
     samples: int = 0
     failed_samples: int = 0
+    queue_wait_ns: list[int] = field(default_factory=list)
+    service_ns: list[int] = field(default_factory=list)
 
     def describe(self) -> dict:
-        return {"samples": self.samples, "failed_samples": self.failed_samples,
-                "batch_sizes": {str(k): v for k, v in sorted(self.batches.items())}}
+        out = {"samples": self.samples, "failed_samples": self.failed_samples,
+               "batch_sizes": {str(k): v for k, v in sorted(self.batches.items())}}
+        if self.service_ns:
+            out["timing_ms"] = {"queue_wait_per_sample": _percentiles_ms(self.queue_wait_ns),
+                                "service_per_batch": _percentiles_ms(self.service_ns)}
+        return out
+
+
+def _percentiles_ms(values_ns: list[int]) -> dict[str, float]:
+    ms = np.asarray(values_ns, dtype=np.float64) / 1e6
+    return {"mean": round(float(ms.mean()), 4), "p50": round(float(np.percentile(ms, 50)), 4),
+            "p99": round(float(np.percentile(ms, 99)), 4)}
 
 
 #: denoising steps of each warm-up generation
@@ -65,8 +87,9 @@ class BatchingSUT:
 
     # -- LoadGen callbacks -------------------------------------------------------------------
     def issue_queries(self, query_samples) -> None:
+        issued = time.perf_counter_ns()
         for sample in query_samples:
-            self._queue.put((sample.id, sample.index))
+            self._queue.put((sample.id, sample.index, issued))
 
     def flush_queries(self) -> None:
         """Nothing is held back: workers always drain the queue."""
@@ -111,7 +134,7 @@ class BatchingSUT:
             self.pipeline.generate(ids[0], ids[1], self.latent, max_steps=WARMUP_STEPS)
 
     # -- workers -----------------------------------------------------------------------------
-    def _next_batch(self) -> list[tuple[int, int]] | None:
+    def _next_batch(self) -> list[tuple[int, int, int]] | None:
         first = self._queue.get()
         if first is _STOP:
             return None
@@ -131,15 +154,16 @@ class BatchingSUT:
         while (batch := self._next_batch()) is not None:
             self._run_batch(batch)
 
-    def _run_batch(self, batch: list[tuple[int, int]]) -> None:
+    def _run_batch(self, batch: list[tuple[int, int, int]]) -> None:
         import mlperf_loadgen as lg
 
-        ids = [response_id for response_id, _ in batch]
+        start = time.perf_counter_ns()
+        ids = [response_id for response_id, _, _ in batch]
         if self._error is not None or self._abort.is_set():
             self._complete_empty(ids)
             return
         try:
-            ids_1, ids_2 = self.qsl.get([index for _, index in batch])
+            ids_1, ids_2 = self.qsl.get([index for _, index, _ in batch])
             images = self.pipeline.generate(ids_1, ids_2, self.latent)
         except BaseException as exc:  # noqa: BLE001 -- any failure must still answer LoadGen
             log.exception("generation failed for a batch of %d", len(batch))
@@ -148,10 +172,13 @@ class BatchingSUT:
             self._complete_empty(ids)
             return
         responses = [lg.QuerySampleResponse(rid, _address(img), img.nbytes) for rid, img in zip(ids, images)]
+        end = time.perf_counter_ns()
         lg.QuerySamplesComplete(responses)  # LoadGen copies the bytes it logs during this call
         with self._stats_lock:
             self.stats.batches[len(batch)] += 1
             self.stats.samples += len(batch)
+            self.stats.queue_wait_ns.extend(start - issued for _, _, issued in batch)
+            self.stats.service_ns.append(end - start)
 
     def _complete_empty(self, ids: list[int]) -> None:
         import mlperf_loadgen as lg

@@ -32,8 +32,12 @@ def test_null_backend_is_valid(tmp_path, scenario, extra):
     assert test["samples"] >= minimum and test["sut"]["samples"] >= minimum
     if scenario == "Offline":
         assert max(int(k) for k in test["sut"]["batch_sizes"]) == 8  # the one query is cut into full batches
+    timing = test["sut"]["timing_ms"]
     if scenario == "SingleStream":
         assert test["sut"]["batch_sizes"].keys() == {"1"} and test["early_stopping_latency_s"] > 0
+        # one query at a time: LoadGen's latency holds the SUT's wait and work, and little else
+        sut_ms = timing["queue_wait_per_sample"]["mean"] + timing["service_per_batch"]["mean"]
+        assert 0 < sut_ms <= test["mean_latency_s"] * 1e3 <= sut_ms + 5, (timing, test["mean_latency_s"])
     else:
         assert test["qps"] > 0
 

@@ -119,4 +119,6 @@ def test_vae_output_to_uint8_equals_the_reference_composition(dtype):
     assert ours.shape == (2, 70, 96, 3) and ours.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(ours, reference)
     assert ours.min() == 0 and ours.max() == 255  # the clamp was exercised
+    channels_last = decoded.contiguous(memory_format=torch.channels_last)  # what a channels-last VAE returns
+    np.testing.assert_array_equal(images_to_uint8(channels_last, from_vae=True), reference)
     np.testing.assert_array_equal(images_to_uint8((decoded / 2 + 0.5).clamp(0, 1)), reference)  # [0, 1] input
