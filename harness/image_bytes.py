@@ -6,7 +6,7 @@ image plus a strided transpose, 8-11 ms on one EPYC core (``bench/harness.py``).
 harness's own per-query cost, which the spine issue holds to 1 ms. The CPU path here is one compiled
 loop that reads each row of the three planes once, applies the *same* float32 operations in the same
 order (no fused multiply-add, round half to even), and writes the interleaved bytes: the same bytes,
-about 0.35 ms. Devices other than the CPU keep the torch ops, run where the tensor is, and copy only
+about 0.4 ms. Devices other than the CPU keep the torch ops, run where the tensor is, and copy only
 the uint8 result (a quarter of the bytes).
 """
 
