@@ -111,10 +111,10 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
     """
     import onnx
 
-    from .onnx_export import (EXTERNAL_DATA_BYTES, UNetForExport, export_onnx, initializer_bytes, remove_model,
-                              save_model, unet_signature)
     from calibration.fake_quant import validate_encodings
 
+    from .onnx_export import (EXTERNAL_DATA_BYTES, UNetForExport, export_onnx, initializer_bytes, remove_model,
+                              save_model, unet_signature)
     from .qdq import QdqResult, apply_marks, check_no_marks
 
     path = directory / "unet.onnx"
@@ -166,8 +166,14 @@ def _qnn_provider(options: Any) -> None:
     options.add_provider_for_devices(devices[:1], {"backend_path": onnxruntime_qnn.get_qnn_htp_path()})
 
 
-def create_session(model_path: Path, ep: str = "cpu", threads: int = 1, optimization: str = "all"):
+def create_session(model_path: Path, ep: str = "cpu", threads: int = 1, optimization: str = "all",
+                   matmul_nbits_accuracy_level: int = 1):
     """An inference session; the CPU EP also writes its optimized graph once, for the fusion report.
+
+    ``matmul_nbits_accuracy_level``: how the ``MatMulNBits`` that ORT makes of DQ(int8 weight) -> MatMul
+    computes. ORT's default, 4, quantizes the *activations* to int8 on the fly: a quantizer the
+    encodings do not name, which cost A16W8 33 dB of UNet-output SQNR against fake-quant on tiny
+    (``bench/parity.py``). 1 computes in fp32; other values are for that benchmark.
 
     ORT's thread pool follows the harness's wait policy: with ``OMP_WAIT_POLICY=PASSIVE`` (the
     harness default, see :func:`harness.cli.quiet_openmp_waits`) its idle threads sleep instead of
@@ -182,10 +188,7 @@ def create_session(model_path: Path, ep: str = "cpu", threads: int = 1, optimiza
     options.log_severity_level = 1 if log.isEnabledFor(logging.INFO) else 3
     if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # ORT rewrites DQ(int8 weight) -> MatMul into MatMulNBits, which by default (level 4) quantizes the
-    # *activations* to int8 on the fly: a quantizer the encodings do not name. A16W8 then lost 33 dB of
-    # UNet-output SQNR against fake-quant on tiny (44.7 vs 77.4 dB). Level 1 computes in fp32.
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_nbits_accuracy_level))
     options.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                                         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -53,10 +53,13 @@ def _unet_call(unet: torch.nn.Module, inputs: tuple) -> torch.Tensor:
                 added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
 
 
-def _calibrate(unet: torch.nn.Module, recipe: str, inputs: tuple):
-    """Encodings from two batches of the benchmark's own inputs (what is timed, not what is accurate)."""
+def calibrate_unet(unet: torch.nn.Module, recipe: str, inputs: tuple, scales: tuple[float, ...] = (1.0, 0.7)):
+    """Encodings from batches of the benchmark's own inputs, scaled (what is timed, not what is accurate).
+
+    A recipe with ``MatMul`` adds the attention matmul modules to ``unet`` (pass a copy to keep it as is).
+    """
     sample = inputs[0]
-    loop = lambda m: [_unet_call(m, (sample * s, *inputs[1:])) for s in (1.0, 0.7)]  # noqa: E731
+    loop = lambda m: [_unet_call(m, (sample * s, *inputs[1:])) for s in scales]  # noqa: E731
     return quantize(unet, recipe, loop, component="unet", apply=False)
 
 
@@ -64,13 +67,13 @@ def unet_variants(unet: torch.nn.Module, cache: Path, threads: int) -> tuple[dic
     """name -> a callable running one CFG UNet call, for every variant; the inputs; name -> ORT model path."""
     inputs = unet_signature(unet, batch=2).example_inputs
     feeds = dict(zip(("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"), inputs))
-    w8a8 = _calibrate(unet, "w8a8", inputs).components["unet"]
+    w8a8 = calibrate_unet(unet, "w8a8", inputs).components["unet"]
     fake_quant = copy.deepcopy(unet)
     apply_encodings(fake_quant, w8a8, "unet")
     variants = {"torch FP32": lambda: _unet_call(unet, inputs), "torch fake-quant (w8a8)": lambda: _unet_call(fake_quant, inputs)}
     models = {"ORT FP32": build_unet_model(unet, {}, cache / "fp32", show_progress=False)}
     for name, recipe in RECIPES.items():
-        entries = w8a8 if recipe == "w8a8" else _calibrate(unet, recipe, inputs).components["unet"]
+        entries = w8a8 if recipe == "w8a8" else calibrate_unet(unet, recipe, inputs).components["unet"]
         models[name] = build_unet_model(unet, entries, cache / recipe, show_progress=False)
     for name, path in models.items():
         session = create_session(path, "cpu", threads)
@@ -278,7 +281,7 @@ def main() -> int:
             print(f"preparing {label}: calibrating, exporting", flush=True)
             variants, inputs, onnx_models = unet_variants(unet, Path(tmp) / label.replace(" ", "-"), threads)
             latency[label] = interleaved_best(variants, args.repeats)
-            shares[label] = quantized_mac_share(unet, _calibrate(unet, "w8a8", inputs).components["unet"], inputs)
+            shares[label] = quantized_mac_share(unet, calibrate_unet(unet, "w8a8", inputs).components["unet"], inputs)
             if label == "tiny":
                 tiny_inputs = inputs
             else:
@@ -343,7 +346,7 @@ def end_to_end(images: int, unet: torch.nn.Module, inputs: tuple) -> dict[str, f
     ids = [tokenize(t, ["a photo of a cat"]) for t in tokenizers]
     out = {}
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as cache:
-        files = {recipe: str(_calibrate(unet, recipe, inputs).save(Path(cache) / f"{recipe}.json"))
+        files = {recipe: str(calibrate_unet(unet, recipe, inputs).save(Path(cache) / f"{recipe}.json"))
                  for recipe in ("w8a8", "w8a8-qlinear", "w8a16")}
         variants = {"torch FP32": ("torch", None), "torch fake-quant (w8a8)": ("torch", files["w8a8"]),
                     "ORT FP32": ("ort", None), "ORT INT8 (A8W8)": ("ort", files["w8a8"]),

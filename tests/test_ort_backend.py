@@ -2,7 +2,8 @@
 
 Parity is the issue's bound: SQNR(ORT, torch fake-quant) at least 10 dB above the SQNR of either
 against FP32 (and, end to end, PSNR 6 dB above), because the runtimes should differ far less than
-quantization changes the model. Figures on tiny, measured with the tests below:
+quantization changes the model. Figures on tiny, measured with the tests below (``bench/parity.py``
+prints them all, ORT's default ``MatMulNBits`` level included):
 
 * **A16W8** (``w8a16``, the QNN HTP scheme) meets it by far: UNet output ORT~fq 77.2 dB against
   39.2 dB of quantization error; end to end 70.5 dB against 38.3. It did not before ORT's
@@ -35,6 +36,7 @@ from calibration.encodings import Encoding, tensor_key
 from calibration.fake_quant import apply_encodings
 from calibration.quantize import quantize
 from calibration.quantizers import sqnr_db
+from calibration.sqnr import one_ulp_nudge
 from harness.cli import main
 
 
@@ -182,19 +184,8 @@ def test_fp32_onnx_matches_torch_with_a_dynamic_batch(tiny_spec, cache_dir, unet
 
 
 def _one_ulp_nudged(backend, unet_args) -> torch.Tensor:
-    """``backend``'s UNet output with every Conv/Linear output moved one ulp up: the smallest change
-    another runtime's kernels can make, and about the size of ORT's FP32 differences from torch's."""
-    def nudge(module, inputs, output):
-        return torch.nextafter(output, torch.full_like(output, float("inf")))
-
-    hooks = [m.register_forward_hook(nudge) for m in backend.unet.modules()
-             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    try:
-        with torch.no_grad():
-            return backend.predict_noise(*unet_args)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with one_ulp_nudge(backend.unet), torch.no_grad():
+        return backend.predict_noise(*unet_args)
 
 
 def test_w8a8_qdq_matches_fake_quant(w8a8, tiny_spec, tiny_backend, cache_dir, unet_args, fp32_out):
