@@ -10,7 +10,7 @@ from .report import INPUT_ERRORS, AuditOptions
 
 
 def _user_error(exc: Exception):
-    from harness.cli import UserError
+    from sdxl.errors import UserError
 
     return UserError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
@@ -29,7 +29,7 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
 
 def audit_options(args: argparse.Namespace, missing: str = "error") -> AuditOptions:
     """:class:`AuditOptions` from the flags of :func:`add_weight_arguments` (and ``--statistics-path``)."""
-    from harness.cli import UserError
+    from sdxl.errors import UserError
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")

@@ -228,7 +228,7 @@ def compare_logs(quantized_log: str | Path, reference_log: str | Path, *, output
         "dataset": dataset_desc,
         "files": files,
     }
-    from harness.results import write_json_atomic
+    from sdxl.io import write_json_atomic
 
     write_json_atomic(output_dir / "compare.json", summary)
     return summary

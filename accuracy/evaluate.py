@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from harness.progress import progress
+from sdxl.progress import progress
 
 from .clip_score import ClipScorer
 from .fid import FEATURE_DIM, InceptionFeatures, RunningGaussian

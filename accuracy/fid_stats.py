@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from harness.progress import progress
+from sdxl.progress import progress
 
 from .evaluate import evaluate_log
 from .fid import FEATURE_DIM, InceptionFeatures, RunningGaussian, save_statistics

@@ -17,13 +17,15 @@ from typing import BinaryIO, Iterator
 import ijson
 import numpy as np
 
+from sdxl.errors import UserError
+
 _READ_CHUNK = 1 << 20
 #: ijson's read size: its default (64 KB) rebuilds a 6 MB hex string from ~100 pieces (bench/accuracy.py, one 1024²
 #: entry: 91 ms, against 2.8 ms with 8 MB reads and 4.3 ms for json.loads); one such buffer is all it holds
 _PARSE_BUFFER = 8 << 20
 
 
-class AccuracyLogError(ValueError):
+class AccuracyLogError(UserError, ValueError):
     """The log cannot be read as SDXL images; the message names the file and the entry."""
 
 

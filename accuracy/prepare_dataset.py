@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from harness.benchmark_spec import CAPTIONS_TSV_COLUMNS
+from sdxl.benchmark_spec import CAPTIONS_TSV_COLUMNS
 
 from .spec import CALIBRATION_IDS_FILE
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from harness.dataset import DatasetError, load_captions
+from sdxl.dataset import DatasetError, load_captions
 
 from .compliance_images import ComplianceImageWriter, read_ids
 from .evaluate import evaluate_log
@@ -165,7 +165,7 @@ def audit_log(log_path: str | Path, *, dataset_path: str | Path | None = None, o
 
 def write_accuracy_outputs(result: dict[str, Any], output_dir: Path) -> None:
     """``accuracy.json`` and the checker's ``accuracy.txt`` (results line + ``hash=``)."""
-    from harness.results import write_json_atomic
+    from sdxl.io import write_json_atomic
 
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "accuracy.json", result)
@@ -176,7 +176,7 @@ def write_accuracy_outputs(result: dict[str, Any], output_dir: Path) -> None:
 
 def format_accuracy_report(result: dict[str, Any]) -> str:
     """The printed table: metric, value, window, in-window; then verdict, caveats and the MLPerf line."""
-    from harness.results import format_table
+    from sdxl.io import format_table
 
     def fmt(value):
         return "N/A" if value is None else f"{value:.4f}"

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdxl.errors import UserError
+
 from .spec import official_image_size
 
 
-class RunInfoError(ValueError):
+class RunInfoError(UserError, ValueError):
     """A ``run.json`` that cannot be used, or two runs that cannot be compared."""
 
 

@@ -20,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sdxl.dataset import file_sha256
+from sdxl.errors import UserError
+
 from .spec import weight_info
 
 
-class WeightsUnavailable(FileNotFoundError):
+class WeightsUnavailable(UserError, FileNotFoundError):
     """Evaluation weights are not on this machine; the message says which file and how to get it."""
 
 
@@ -42,8 +45,6 @@ class WeightFile:
         return {"kind": self.kind, "path": str(self.path), "source": self.source, "format": self.format,
                 "sha256": self.sha256, "official": self.official}
 
-
-from harness.dataset import file_sha256  # noqa: E402 -- one hashing helper for the project
 
 
 def torch_hub_checkpoints_dir() -> Path:

@@ -1,9 +1,11 @@
-"""Backends run the SDXL components; the pipeline (``harness.pipeline``) runs the denoising loop.
+"""Backends run the SDXL components; the pipeline (``sdxl.pipeline``) runs the denoising loop.
 
-A backend is one file that subclasses :class:`backends.base.Backend` and registers itself with
-:func:`backends.base.register_backend`. See ``backends/base.py`` for the interface.
+A backend is one module that subclasses :class:`sdxl.backend.Backend` (the interface, beside the
+pipeline that calls it) and registers itself with :func:`backends.registry.register_backend`.
 """
 
-from .base import Backend, BackendOptions, available_backends, create_backend, register_backend
+from sdxl.backend import Backend, BackendOptions
+
+from .registry import available_backends, create_backend, register_backend
 
 __all__ = ["Backend", "BackendOptions", "available_backends", "create_backend", "register_backend"]

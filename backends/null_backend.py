@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from harness.benchmark_spec import VAE_SCALE_FACTOR
-from harness.models import ModelSpec
+from sdxl.backend import Backend, BackendOptions
+from sdxl.benchmark_spec import VAE_SCALE_FACTOR
+from sdxl.models import ModelSpec
 
-from .base import Backend, BackendOptions, register_backend
+from .registry import register_backend
 
 
 class NullBackend(Backend):

@@ -67,7 +67,7 @@ def _weight_forward(module: torch.nn.Module, key: str):
 @contextlib.contextmanager
 def marked(module: torch.nn.Module, keys: Iterable[str]) -> Iterator[None]:
     """Within the block, ``module``'s forward emits a ``Mark`` at each key's tensor."""
-    from calibration.encodings import parse_key
+    from quant.encodings import parse_key
 
     modules = dict(module.named_modules())
     handles, patched = [], []

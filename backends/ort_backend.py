@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.system_info import cpu_flags, isa_summary
+from sdxl.backend import BackendOptions
+from sdxl.system_info import cpu_flags, isa_summary
 
-from .base import BackendOptions, register_backend
+from .registry import register_backend
 from .torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class OrtBackend(TorchBackend):
         content = {k: [e.to_json() for e in v] if isinstance(v, list) else v.to_json() for k, v in sorted(entries.items())}
         delta = None
         if self.quantization and self.quantization.encodings.weights_delta and self.options.encodings:
-            from harness.dataset import file_sha256
+            from sdxl.dataset import file_sha256
 
             delta = file_sha256(Path(self.options.encodings).parent / self.quantization.encodings.weights_delta)
         parts = [EXPORT_VERSION, self.spec.fingerprint(), content, delta, torch.__version__, onnxruntime.__version__]
@@ -111,10 +112,17 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
     """
     import onnx
 
-    from calibration.fake_quant import validate_encodings
+    from quant.fake_quant import validate_encodings
 
-    from .onnx_export import (EXTERNAL_DATA_BYTES, UNetForExport, export_onnx, initializer_bytes, remove_model,
-                              save_model, unet_signature)
+    from .onnx_export import (
+        EXTERNAL_DATA_BYTES,
+        UNetForExport,
+        export_onnx,
+        initializer_bytes,
+        remove_model,
+        save_model,
+        unet_signature,
+    )
     from .qdq import QdqResult, apply_marks, check_no_marks
 
     path = directory / "unet.onnx"
@@ -137,8 +145,8 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
         onnx.checker.check_model(model, full_check=False)
     tensor_map.write_text(json.dumps(result.to_json(), indent=1) + "\n")
     if encodings is not None:
-        from calibration.aimet_export import export_aimet
-        from calibration.encodings import Encodings
+        from quant.aimet_export import export_aimet
+        from quant.encodings import Encodings
 
         unet_only = Encodings(components={"unet": entries}, recipe=encodings.recipe,
                               excluded={"unet": encodings.excluded.get("unet", [])})

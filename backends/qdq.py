@@ -1,7 +1,7 @@
 """Turn the ``Mark`` nodes of a marked export into QuantizeLinear/DequantizeLinear from our encodings.
 
 Not a second calibration: every scale and zero point comes from the encodings file, and weights are
-quantized with :func:`calibration.quantizers.quantize` -- the function the fake-quant backend uses --
+quantized with :func:`quant.quantizers.quantize` -- the function the fake-quant backend uses --
 so the integers in the ONNX model are the ones PyTorch simulated. Activations become ``Q -> DQ``
 pairs; weights become a quantized initializer feeding ``DQ`` (the form ONNX Runtime's and QNN's QDQ
 fusions look for), with a Linear's ``Transpose`` folded into the initializer so nothing sits between
@@ -16,8 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from calibration.encodings import Encoding, EncodingsError, parse_key
-from calibration.quantizers import quantize
+from quant.encodings import Encoding, EncodingsError, parse_key
+from quant.quantizers import quantize
 
 from .onnx_export import MARK_DOMAIN, MARK_OP
 

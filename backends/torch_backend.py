@@ -10,10 +10,11 @@ import warnings
 
 import torch
 
-from harness.models import load_components
-from harness.system_info import native_bf16
+from sdxl.backend import DTYPES, Backend, BackendOptions
+from sdxl.models import ModelComponents, load_components
+from sdxl.system_info import native_bf16
 
-from .base import Backend, BackendOptions, register_backend
+from .registry import register_backend
 
 
 class TorchBackend(Backend):
@@ -21,12 +22,16 @@ class TorchBackend(Backend):
     #: components a subclass runs (and quantizes) in another runtime from the same encodings
     runs_elsewhere: tuple[str, ...] = ()
 
-    def __init__(self, spec, options: BackendOptions):
+    def __init__(self, spec, options: BackendOptions, components: ModelComponents | None = None):
         super().__init__(spec, options)
+        if options.recipe and not options.encodings:
+            raise ValueError(f"backend options name recipe {options.recipe!r} but no encodings: a backend loads "
+                             "encodings and never calibrates (calibrate first, or use run --recipe)")
         if options.dtype == "bf16" and options.device == "cpu" and not native_bf16():
             warnings.warn("this CPU has no native bf16 (no AVX512-BF16/AMX): torch emulates bf16 matmul, "
                           "~100x slower than fp32", stacklevel=2)
-        components = load_components(spec, self.dtype, options.show_progress)
+        if components is None:
+            components = load_components(spec, self.dtype, options.show_progress)
         self.components = components
         self.text_encoder = _placed(components.text_encoder, self.device, self.dtype)
         self.text_encoder_2 = _placed(components.text_encoder_2, self.device, self.dtype)
@@ -37,12 +42,22 @@ class TorchBackend(Backend):
         if self._use_channels_last():
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
-        if options.encodings or options.recipe:
-            from calibration.fake_quant import apply_encodings_to_components
+        self.quantization = None
+        if options.encodings:
+            from quant.fake_quant import apply_to_components, load_encodings_for
 
-            self.quantization = apply_encodings_to_components(components, options, skip=self.runs_elsewhere)
-        else:
-            self.quantization = None
+            encodings = load_encodings_for(components, options.encodings,
+                                           bool(options.extra.get("allow_fingerprint_mismatch")))
+            self.quantization = apply_to_components(components, encodings, options.encodings, skip=self.runs_elsewhere)
+
+    @classmethod
+    def from_components(cls, components: ModelComponents, show_progress: bool = False) -> "TorchBackend":
+        """The torch backend over already-loaded components, as they are: no second load, no quantization.
+
+        The calibration capture runs the very modules it then calibrates (in their own dtype).
+        """
+        dtype = next(name for name, value in DTYPES.items() if value == next(components.unet.parameters()).dtype)
+        return cls(components.spec, BackendOptions(dtype=dtype, show_progress=show_progress), components)
 
     def _use_channels_last(self) -> bool:
         """Channels-last helps cuDNN/oneDNN convolutions on GPUs; on CPUs it measured no gain for fp32."""

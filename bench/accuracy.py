@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from harness.system_info import peak_rss_mb, rss_mb  # noqa: E402
+from sdxl.system_info import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def child(mode: str, log: str, captions: str) -> dict:

@@ -39,10 +39,10 @@ OUT_DIR = ROOT / "results" / "bench"
 from backends.onnx_export import unet_signature  # noqa: E402
 from backends.ort_backend import build_unet_model, create_session, run_bound  # noqa: E402
 from bench.calibration import sdxl_width_slice  # noqa: E402
-from calibration.fake_quant import apply_encodings  # noqa: E402
 from calibration.quantize import quantize  # noqa: E402
-from harness.results import format_table, write_json_atomic  # noqa: E402
-from harness.system_info import isa_summary, system_description  # noqa: E402
+from quant.fake_quant import apply_encodings  # noqa: E402
+from sdxl.io import format_table, write_json_atomic  # noqa: E402
+from sdxl.system_info import isa_summary, system_description  # noqa: E402
 
 RECIPES = {"ORT INT8 (A8W8)": "w8a8", "ORT INT8 (w8a8-qlinear)": "w8a8-qlinear", "ORT A16W8": "w8a16"}
 
@@ -240,7 +240,7 @@ def component_macs() -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from harness.models import model_spec
+    from sdxl.models import model_spec
 
     config = model_spec("sdxl-random").profile_config
 
@@ -271,7 +271,7 @@ def main() -> int:
     args = parser.parse_args()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     threads = torch.get_num_threads()
-    from harness.models import load_components, model_spec
+    from sdxl.models import load_components, model_spec
 
     tiny_unet = load_components(model_spec("tiny"), show_progress=False).unet
     models = {"tiny": tiny_unet, "sdxl-width slice": sdxl_width_slice()}
@@ -335,11 +335,11 @@ def main() -> int:
 
 def end_to_end(images: int, unet: torch.nn.Module, inputs: tuple) -> dict[str, float]:
     """Images/s of tiny through the one SDXL pipeline (the harness's real path) for every variant."""
-    from backends.base import BackendOptions, create_backend
-    from harness.latents import draw_latent
-    from harness.models import load_tokenizers, model_spec
-    from harness.pipeline import SDXLPipeline
-    from harness.tokenizers import tokenize
+    from backends import BackendOptions, create_backend
+    from sdxl.latents import draw_latent
+    from sdxl.models import load_tokenizers, model_spec
+    from sdxl.pipeline import SDXLPipeline
+    from sdxl.tokenizers import tokenize
 
     spec = model_spec("tiny")
     tokenizers = load_tokenizers(spec)

@@ -27,14 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness.system_info import peak_rss_mb, rss_mb  # noqa: E402
+from sdxl.system_info import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def child_calibrate(profile: str, prompts: int, timesteps: str) -> dict:
     """Runs in a subprocess: load, calibrate with the capture, report RSS levels."""
-    from harness.models import load_components, model_spec
-
     from calibration.pipeline_calibration import calibrate_components
+    from sdxl.models import load_components, model_spec
 
     spec = model_spec(profile)
     components = load_components(spec, show_progress=False)

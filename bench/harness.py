@@ -28,8 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from harness.results import format_table, write_json_atomic  # noqa: E402
-from harness.system_info import isa_summary, native_bf16, system_description  # noqa: E402
+from sdxl.io import format_table, write_json_atomic  # noqa: E402
+from sdxl.system_info import isa_summary, native_bf16, system_description  # noqa: E402
 
 OUT_DIR = REPO / "results" / "bench"
 
@@ -66,12 +66,12 @@ def null_overhead(stamp: str) -> list[dict]:
 def conversion_ms(repeats: int = 20) -> dict[str, dict[str, float]]:
     """Median ms per 1024x1024 image to turn VAE output into MLPerf's uint8 HWC bytes, batch 1 and 8.
 
-    Ours (:func:`harness.image_bytes.images_to_uint8`, one compiled pass) against the reference's way
+    Ours (:func:`sdxl.image_bytes.images_to_uint8`, one compiled pass) against the reference's way
     (diffusers' batch-wide postprocess, then MLPerf's PostProcessCoco per image), interleaved.
     """
     import numpy as np
 
-    from harness.image_bytes import images_to_uint8
+    from sdxl.image_bytes import images_to_uint8
 
     def reference(x: torch.Tensor) -> np.ndarray:
         pt = (x / 2 + 0.5).clamp(0, 1)
@@ -98,7 +98,7 @@ def conversion_after_pause_ms(pauses_s=(0.0, 0.01, 0.05), repeats: int = 20) -> 
     the cache meanwhile (other tenants share the L3). A real backend's VAE writes the image just
     before converting it, so a slow figure here is the ``null`` backend's cost, not the harness's.
     """
-    from harness.image_bytes import images_to_uint8
+    from sdxl.image_bytes import images_to_uint8
 
     decoded = torch.full((1, 3, 1024, 1024), -1.0)
     images_to_uint8(decoded, from_vae=True)
@@ -118,11 +118,11 @@ def conversion_after_pause_ms(pauses_s=(0.0, 0.01, 0.05), repeats: int = 20) -> 
 
 def tiny_throughput(images: int, dtypes: list[str]) -> dict[str, float]:
     """Images/s per dtype, generating one image per dtype in turn (interleaved, batch 1)."""
-    from backends.base import BackendOptions, create_backend
-    from harness.latents import draw_latent
-    from harness.models import load_tokenizers, model_spec
-    from harness.pipeline import SDXLPipeline
-    from harness.tokenizers import tokenize
+    from backends import BackendOptions, create_backend
+    from sdxl.latents import draw_latent
+    from sdxl.models import load_tokenizers, model_spec
+    from sdxl.pipeline import SDXLPipeline
+    from sdxl.tokenizers import tokenize
 
     spec = model_spec("tiny")
     tokenizers = load_tokenizers(spec)

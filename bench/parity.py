@@ -32,24 +32,24 @@ sys.path.insert(0, str(ROOT))
 OUT_DIR = ROOT / "results" / "bench"
 
 from accuracy.fidelity import psnr_ssim  # noqa: E402
-from backends.base import BackendOptions, create_backend  # noqa: E402
+from backends import BackendOptions, create_backend  # noqa: E402
 from backends.onnx_export import unet_signature  # noqa: E402
 from backends.ort_backend import create_session  # noqa: E402
 from bench.backends import calibrate_unet  # noqa: E402
-from calibration.quantizers import sqnr_db  # noqa: E402
 from calibration.sqnr import one_ulp_nudge  # noqa: E402
-from harness.results import format_table, write_json_atomic  # noqa: E402
-from harness.system_info import isa_summary, system_description  # noqa: E402
+from quant.quantizers import sqnr_db  # noqa: E402
+from sdxl.io import format_table, write_json_atomic  # noqa: E402
+from sdxl.system_info import isa_summary, system_description  # noqa: E402
 
 RECIPES = {"A8W8": "w8a8-mha", "A16W8": "w8a16"}
 
 
 def main() -> int:
-    from harness.dataset import load_captions
-    from harness.latents import draw_latent
-    from harness.models import load_tokenizers, model_spec
-    from harness.pipeline import SDXLPipeline
-    from harness.tokenizers import tokenize
+    from sdxl.dataset import load_captions
+    from sdxl.latents import draw_latent
+    from sdxl.models import load_tokenizers, model_spec
+    from sdxl.pipeline import SDXLPipeline
+    from sdxl.tokenizers import tokenize
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     spec = model_spec("tiny")

@@ -31,9 +31,9 @@ def child(calls: int, thread_counts: list[int]) -> dict[str, list[float]]:
     """Seconds per CFG UNet call for each thread count, the counts interleaved call by call."""
     import torch
 
-    from backends.base import BackendOptions, create_backend
+    from backends import BackendOptions, create_backend
     from backends.onnx_export import unet_signature
-    from harness.models import model_spec
+    from sdxl.models import model_spec
 
     backend = create_backend("torch", model_spec("tiny"), BackendOptions(show_progress=False))
     sample, timestep, states, text_embeds, time_ids = unet_signature(backend.unet, batch=2).example_inputs
@@ -62,8 +62,8 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.calls, counts)))
         return 0
-    from harness.results import format_table, write_json_atomic
-    from harness.system_info import isa_summary, system_description
+    from sdxl.io import format_table, write_json_atomic
+    from sdxl.system_info import isa_summary, system_description
 
     results: dict[str, dict[str, list[float]]] = {p: {str(n): [] for n in counts} for p in POLICIES}
     load = []

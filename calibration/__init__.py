@@ -8,7 +8,8 @@ Public API (algorithms never see the pipeline)::
 See ``docs/calibration.md`` for the scheme table, the encodings format and the commands.
 """
 
-from .encodings import Encoding, Encodings, EncodingsError
+from quant.encodings import Encoding, Encodings, EncodingsError
+
 from .quantize import quantize
 from .recipes import Recipe, RecipeError, load_recipe
 

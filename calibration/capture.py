@@ -27,13 +27,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .context import timestep
+from quant.context import timestep
+from sdxl.errors import UserError
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(UserError, ValueError):
     """Bad calibration inputs (captions file, timesteps spec); the message says how to fix it."""
 
 
@@ -82,7 +83,7 @@ def read_calibration_captions(path: str | Path | None, profile: str, num_prompts
         if profile != "tiny":
             raise CalibrationDataError(f"profile {profile} needs --calibration-captions (MLPerf's 500 COCO train2014 "
                                        "captions, coco_cal_captions_list.txt, as prepare-dataset writes them)")
-        from harness.dataset import load_captions
+        from sdxl.dataset import load_captions
 
         captions = load_captions().captions
         source = "builtin:tiny"
@@ -143,7 +144,7 @@ class CalibrationData:
 
     def conditioning(self, chunk: int) -> dict[str, torch.Tensor]:
         """The UNet conditioning of one chunk's CFG batch (negative rows first, as the pipeline)."""
-        from harness.pipeline import cfg_conditioning
+        from sdxl.pipeline import cfg_conditioning
 
         neg, pos = self._load("negative.safetensors"), self._load(f"embeds-{chunk:05d}.safetensors")
         return cfg_conditioning(neg, pos["prompt_embeds"], pos["text_embeds"])
@@ -172,7 +173,7 @@ class CalibrationData:
     def unet_forward_loop(self, show_progress: bool = False):
         """A ``forward_loop(unet)`` replaying the captured inputs, each under its timestep."""
         def loop(unet: torch.nn.Module) -> None:
-            from harness.progress import progress
+            from sdxl.progress import progress
 
             total = len(self.manifest["chunks"]) * len(self.steps)
             for t, latent_input, cond in progress(self.unet_samples(), total=total, desc="calibrating unet",
@@ -212,7 +213,7 @@ class _StopDenoise(Exception):
 
 
 def cache_key(fingerprint: str, request: CaptureRequest, steps: list[int], latent: torch.Tensor) -> str:
-    from harness.latents import latent_sha256
+    from sdxl.latents import latent_sha256
 
     blob = json.dumps({"version": CACHE_VERSION, "model": fingerprint, "captions": _captions_hash(request.captions),
                        "steps": steps, "chunk": request.chunk_prompts, "final": request.need_final,
@@ -238,12 +239,12 @@ def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str 
             free_text_encoders=None, show_progress: bool = True) -> CalibrationData:
     """Run (or resume) the capture for ``request``; return the data on disk.
 
-    ``pipeline`` is a :class:`harness.pipeline.SDXLPipeline` over FP32 modules. ``free_text_encoders``,
+    ``pipeline`` is a :class:`sdxl.pipeline.SDXLPipeline` over FP32 modules. ``free_text_encoders``,
     when given, is called once every prompt is encoded (the caller drops its references).
     """
-    from harness.latents import draw_latent
-    from harness.progress import progress
-    from harness.tokenizers import tokenize
+    from sdxl.latents import draw_latent
+    from sdxl.progress import progress
+    from sdxl.tokenizers import tokenize
 
     schedule = [int(t) for t in pipeline.timesteps]
     steps = parse_timesteps(request.timesteps_spec, schedule)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .encodings import EncodingsError
+from quant.encodings import EncodingsError
 
 
 def register(subparsers) -> None:
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from harness.cli import UserError
+    from sdxl.errors import UserError
 
     output = Path(args.output)
     if output.suffix != ".json" or output.is_dir():
@@ -53,16 +53,16 @@ def calibrate_to_file(profile: str, model_path: str | None, recipe_name: str, ou
 
     ``calibrate`` and ``run --recipe`` (which calibrates once, before its LoadGen tests, into the run
     directory) share it. Returns ``(encodings, {component: aimet path}, sqnr reports)``; bad recipes or
-    calibration inputs raise :class:`harness.cli.UserError`.
+    calibration inputs raise :class:`sdxl.errors.UserError`.
     """
-    from harness.cli import UserError
-    from harness.models import load_components, model_spec
+    from quant.aimet_export import export_aimet
+    from quant.sizes import total_size
+    from sdxl.errors import UserError
+    from sdxl.models import load_components, model_spec
 
-    from .aimet_export import export_aimet
     from .capture import CalibrationDataError
     from .pipeline_calibration import calibrate_components, capture_for, forward_loop_for
     from .recipes import load_recipe
-    from .sizes import total_size
 
     started = time.time()
     try:
@@ -76,7 +76,8 @@ def calibrate_to_file(profile: str, model_path: str | None, recipe_name: str, ou
         raise UserError(str(exc)) from None
     reports = []
     if sqnr_samples > 0:
-        from .fake_quant import apply_encodings
+        from quant.fake_quant import apply_encodings
+
         from .sqnr import sqnr_report
 
         for name, entries in encodings.components.items():

@@ -4,7 +4,7 @@ Every observer keeps a fixed-size state per channel (two numbers, or one histogr
 counts), so memory does not grow with the calibration set -- the property that lets full-size SDXL
 calibrate on 500 prompts x 20 steps without storing activations. ``update(x)`` folds in one batch;
 ``compute_range(fmt, symmetric)`` returns the ``(lo, hi)`` clipping range per channel, which
-:func:`calibration.quantizers.qparams_from_range` turns into scale/offset. Range-searching observers
+:func:`quant.quantizers.qparams_from_range` turns into scale/offset. Range-searching observers
 (MSE, entropy) need the target grid, hence the ``fmt`` argument.
 
 The histogram is signed and centred on 0 with a half-width ``R`` per channel. When a batch exceeds
@@ -21,9 +21,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .context import current_timestep
-from .formats import QFormat
-from .quantizers import qparams_from_range
+from quant.context import current_timestep
+from quant.formats import QFormat
+from quant.quantizers import qparams_from_range
 
 Range = tuple[torch.Tensor, torch.Tensor]
 
@@ -382,7 +382,7 @@ class TimestepKeyedObserver(Observer):
         per_step = self.per_step_ranges(fmt, symmetric)
         if -1 in per_step:
             raise RuntimeError("per_timestep: ranged saw data outside a timestep context: the forward loop must "
-                               "run each batch under calibration.context.timestep(t)")
+                               "run each batch under quant.context.timestep(t)")
         if not per_step:
             raise RuntimeError("observer saw no data")
         steps = sorted(per_step, reverse=True)

@@ -12,13 +12,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from backends.base import Backend, BackendOptions
 from backends.torch_backend import TorchBackend
+from quant.encodings import Encodings
 
-from .capture import CaptureRequest, CalibrationData, capture, read_calibration_captions
-from .encodings import Encodings
+from .capture import CalibrationData, CaptureRequest, capture, read_calibration_captions
 from .quantize import quantize
 from .recipes import Recipe, load_recipe
 
@@ -27,33 +24,19 @@ log = logging.getLogger(__name__)
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 
-class ComponentsBackend(TorchBackend):
-    """The torch backend over already-loaded components (no second load, no quantization hook)."""
-
-    def __init__(self, components, options: BackendOptions | None = None):
-        Backend.__init__(self, components.spec, options or BackendOptions(show_progress=False))
-        self.components = components
-        self.text_encoder, self.text_encoder_2 = components.text_encoder, components.text_encoder_2
-        self.unet, self.vae = components.unet, components.vae
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-
 def capture_for(components, recipe: Recipe, calibration_captions: str | Path | None = None,
                 num_prompts: int | None = None, timesteps: str | None = None, cache_dir: str | Path = "build/cache",
                 free_text_encoders: bool = False, show_progress: bool = True) -> CalibrationData:
     """Capture (or load from the cache) the calibration data ``recipe`` needs for ``components``."""
-    from harness.models import load_tokenizers
-    from harness.pipeline import SDXLPipeline
+    from sdxl.models import load_tokenizers
+    from sdxl.pipeline import SDXLPipeline
 
     spec = components.spec
     captions, source = read_calibration_captions(calibration_captions, spec.profile,
                                                  num_prompts or recipe.calibration.get("num_prompts"))
     request = CaptureRequest(captions, source, timesteps or recipe.calibration.get("timesteps", "all"),
                              chunk_prompts=1 if spec.image_size >= 1024 else 4, need_final="vae" in recipe.components)
-    backend = ComponentsBackend(components)
+    backend = TorchBackend.from_components(components)
     tokenizers = load_tokenizers(spec)
     pipeline = SDXLPipeline(backend, spec, tokenizers)
 

@@ -17,12 +17,13 @@ from typing import Callable
 
 import torch
 
-from .attention import add_attention_matmuls
-from .encodings import Encoding, Encodings, tensor_key
+from quant.attention import add_attention_matmuls
+from quant.encodings import Encoding, Encodings, tensor_key
+from quant.quantizers import qparams_from_range
+from quant.sizes import model_size
+
 from .observers import Observer, Range, TimestepKeyedObserver, make_observer
-from .quantizers import qparams_from_range
 from .recipes import LayerPlan, QuantizerSpec, Recipe, RecipeError, load_recipe
-from .sizes import model_size
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def quantize(module: torch.nn.Module, recipe: Recipe | str | dict, forward_loop:
     encodings = Encodings(components={component: entries}, recipe=recipe.to_json(), excluded={component: excluded})
     encodings.size[component] = model_size(module, entries)
     if apply:
-        from .fake_quant import apply_encodings
+        from quant.fake_quant import apply_encodings
 
         apply_encodings(module, entries, component)
     return encodings

@@ -6,7 +6,7 @@ Fields (all checked on load, errors name the file and key):
 
 ``name``, ``description``; ``components`` (default set calibrated from the pipeline); ``types``
 (module classes, default ``[Conv2d, Linear]``; ``MatMul`` adds the attention matmuls Q·Kᵀ and
-softmax·V, both inputs quantized by ``inputs``, see :mod:`calibration.attention`); ``weights`` / ``inputs`` / ``outputs``: a quantizer
+softmax·V, both inputs quantized by ``inputs``, see :mod:`quant.attention`); ``weights`` / ``inputs`` / ``outputs``: a quantizer
 ``{dtype, symmetric, axis, observer, reduce_range}`` or ``null`` (off); ``exclude``: module-name patterns kept in
 high precision; ``overrides``: ``[{match: [patterns], weights|inputs|outputs: {...} | null}]`` applied
 in order; ``calibration``: defaults for the capture (``timesteps``, ``num_prompts``).
@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
-from .attention import MatMul
-from .encodings import EncodingsError
-from .formats import get_format
+from quant.attention import MatMul
+from quant.encodings import EncodingsError
+from quant.formats import get_format
+
 from .observers import make_observer
 
 RECIPE_DIR = Path(__file__).parent / "recipes"

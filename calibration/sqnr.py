@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .encodings import Encoding, tensor_key
-from .quantizers import fake_quantize
+from quant.encodings import Encoding, tensor_key
+from quant.quantizers import fake_quantize
 
 OUTPUT_ROW = "<output>"
 

@@ -2,7 +2,8 @@
 
 Each command module exposes ``register(subparsers)``, which adds its sub-command(s) and sets
 ``func(args) -> int`` as the handler; adding a command is adding a module to :data:`COMMAND_MODULES`.
-Errors the user can fix (a missing file, a bad flag value) are printed as one line, exit code 2.
+Errors the user can fix (:class:`sdxl.errors.UserError` and the domain errors derived from it: a missing
+file, a bad flag value) are printed as one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import logging
 import os
 import sys
 
+from sdxl.errors import UserError
+
 COMMAND_MODULES = ("harness.run_command", "harness.compliance", "harness.submission", "calibration.commands",
                    "accuracy.commands")
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .dataset import DatasetError
-    from .models import ModelLoadError
-
     try:
         return int(args.func(args) or 0)
-    except (UserError, DatasetError, ModelLoadError, FileNotFoundError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

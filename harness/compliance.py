@@ -227,11 +227,10 @@ def register(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .cli import UserError
-
     from accuracy.commands import audit_options
     from accuracy.report import INPUT_ERRORS
     from accuracy.weights import WeightsUnavailable
+    from sdxl.errors import UserError
 
     try:
         result = verify(args.test, Path(args.run), Path(args.audit_run), Path(args.output) if args.output else None,

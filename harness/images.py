@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .dataset import CaptionSet
+from sdxl.dataset import CaptionSet
 
 GRID_MAX_IMAGES = 16
 GRID_TILE = 256

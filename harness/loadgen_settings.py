@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .benchmark_spec import MLPERF_MODEL_NAME
+from sdxl.benchmark_spec import MLPERF_MODEL_NAME
 
 SCENARIOS = ("Offline", "Server", "SingleStream")
 MODES = ("performance", "accuracy")

@@ -1,4 +1,4 @@
-"""LoadGen's query sample library over a :class:`harness.dataset.CaptionSet`.
+"""LoadGen's query sample library over a :class:`sdxl.dataset.CaptionSet`.
 
 Tokenization happens in ``LoadSamplesToRam`` (outside the timed region), as the reference
 pre-tokenizes; ``get`` then only gathers token-id rows for a batch.
@@ -10,9 +10,9 @@ import threading
 
 import torch
 
-from .benchmark_spec import PERFORMANCE_SAMPLE_COUNT
-from .dataset import CaptionSet
-from .tokenizers import tokenize
+from sdxl.benchmark_spec import PERFORMANCE_SAMPLE_COUNT
+from sdxl.dataset import CaptionSet
+from sdxl.tokenizers import tokenize
 
 
 class CaptionQSL:

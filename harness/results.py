@@ -8,29 +8,14 @@ so it is never half-written and a crash leaves an honest status behind. Fields: 
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from sdxl.io import format_table, write_json_atomic
+
 RUN_JSON_VERSION = 1
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -52,7 +37,7 @@ class RunRecord:
 
     @classmethod
     def start(cls, run_dir: Path, config, spec, captions, latent, non_compliance: list[str]) -> "RunRecord":
-        from .system_info import system_description
+        from sdxl.system_info import system_description
 
         data = {
             "run_json_version": RUN_JSON_VERSION,
@@ -126,12 +111,6 @@ def result_rows(record: RunRecord) -> list[list[str]]:
         rows.append([test["scenario"], test["mode"], _fmt(test.get("samples")), perf, test.get("validity", "-"),
                      test["dir"]])
     return rows
-
-
-def format_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def print_results_table(records: list[RunRecord], stream: TextIO | None = None) -> None:

@@ -19,8 +19,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .benchmark_spec import (OFFICIAL_CAPTIONS_SHA256, OFFICIAL_IMAGE_SIZE, OFFICIAL_LATENT_TENSOR_SHA256,
-                             PERFORMANCE_SAMPLE_COUNT)
+from sdxl.benchmark_spec import (
+    OFFICIAL_CAPTIONS_SHA256,
+    OFFICIAL_IMAGE_SIZE,
+    OFFICIAL_LATENT_TENSOR_SHA256,
+    PERFORMANCE_SAMPLE_COUNT,
+)
+
 from .loadgen_settings import MODES, SCENARIOS, Overrides, user_conf_non_compliant_keys
 from .results import RunRecord, print_results_table
 from .run_config import DEFAULT_USER_CONF, RunConfig
@@ -28,9 +33,8 @@ from .run_config import DEFAULT_USER_CONF, RunConfig
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every command that builds a model (``run``, ``calibrate``, ...)."""
-    from backends.base import DTYPES
-
-    from .models import PROFILES
+    from sdxl.backend import DTYPES
+    from sdxl.models import PROFILES
 
     parser.add_argument("--profile", default="tiny", choices=PROFILES,
                         help="tiny: embedded SDXL-architecture model with random weights (default); sdxl: real "
@@ -88,7 +92,7 @@ def register(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    from .cli import UserError
+    from sdxl.errors import UserError
 
     modes = {"performance": ("performance",), "accuracy": ("accuracy",), "both": MODES, None: ("performance",)}[args.mode]
     if args.accuracy:
@@ -179,13 +183,13 @@ def non_compliance_reasons(config: RunConfig, spec, captions, latent) -> list[st
 
 def execute_run(config: RunConfig) -> RunRecord:
     """Validate inputs, run each requested LoadGen test in its own process, write ``run.json``."""
-    from backends.base import canonical_backend_name
+    from backends.registry import canonical_backend_name
+    from sdxl.dataset import load_captions
+    from sdxl.errors import UserError
+    from sdxl.latents import resolve_latent, save_latent
+    from sdxl.models import model_spec
 
-    from .cli import UserError
-    from .dataset import load_captions
-    from .latents import resolve_latent, save_latent
     from .loadgen_settings import user_conf_keys
-    from .models import model_spec
 
     try:
         config.backend = canonical_backend_name(config.backend)
@@ -251,11 +255,10 @@ def execute_run(config: RunConfig) -> RunRecord:
 def _check_calibration_inputs(config: RunConfig, spec) -> None:
     """``--recipe``: the recipe, captions and timesteps are read here, in a second, not after the model loads."""
     from calibration.capture import CalibrationDataError, parse_timesteps, read_calibration_captions
-    from calibration.encodings import EncodingsError
     from calibration.recipes import load_recipe
-
-    from .cli import UserError
-    from .pipeline import make_scheduler
+    from quant.encodings import EncodingsError
+    from sdxl.errors import UserError
+    from sdxl.pipeline import make_scheduler
 
     try:
         recipe = load_recipe(config.recipe)
@@ -269,7 +272,7 @@ def _check_calibration_inputs(config: RunConfig, spec) -> None:
 
 def _run_test_in_child(config: RunConfig, mode: str, test_dir: Path) -> dict[str, Any]:
     """Run one LoadGen test in a child process; its result dict, or one with ``error``."""
-    from .loadgen_test import run_loadgen_test
+    from .loadgen_run import run_loadgen_test
 
     test_dir.mkdir(parents=True, exist_ok=True)
     result = _call_in_child(f"loadgen-{mode}", run_loadgen_test, config, mode, test_dir)
@@ -284,8 +287,7 @@ def _calibrate_in_child(config: RunConfig, output: Path) -> dict[str, Any]:
 def calibrate_for_run(config: RunConfig, output: Path) -> dict[str, Any]:
     """Child side of ``--recipe``: encodings + AIMET export in the run directory; a summary for ``run.json``."""
     from calibration.commands import calibrate_to_file
-
-    from .progress import progress_enabled
+    from sdxl.progress import progress_enabled
 
     encodings, _, _ = calibrate_to_file(config.profile, config.model_path, config.recipe, output, sqnr_samples=0,
                                         cache_dir=config.cache_dir, show_progress=progress_enabled(),
@@ -316,7 +318,7 @@ def _call_in_child(name: str, function, *args) -> dict[str, Any]:
 
 _PRELOAD = ["torch", "mlperf_loadgen", "diffusers.models.unets.unet_2d_condition",
             "diffusers.models.autoencoders.autoencoder_kl", "transformers.models.clip.modeling_clip",
-            "harness.pipeline", "harness.loadgen_test",
+            "sdxl.pipeline", "harness.loadgen_run",
             "backends.torch_backend"]
 
 
@@ -330,14 +332,14 @@ def _child_context():
 
 
 def _child_main(function, args: tuple, conn) -> None:
-    from . import progress  # noqa: F401 -- tqdm's lock, before any bar (see harness.progress)
+    from sdxl import progress  # noqa: F401 -- tqdm's lock, before any bar (see sdxl.progress)
 
     try:
         result = function(*args)
     except KeyboardInterrupt:
         result = {"error": "interrupted"}
     except BaseException as exc:  # noqa: BLE001 -- reported to the parent, which fails the run
-        from .cli import UserError
+        from sdxl.errors import UserError
 
         if isinstance(exc, UserError):  # a bad input found late (e.g. a recipe's key): its one line is the report
             result = {"error": str(exc)}

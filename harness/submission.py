@@ -186,8 +186,7 @@ def _sample_images(record: dict[str, Any], log: Path, ids: list[int], directory:
     """The round's sample images (``<id>.png`` + ``captions.txt``), streamed from the accuracy log."""
     from accuracy.compliance_images import ComplianceImageWriter
     from accuracy.log_reader import iter_accuracy_log
-
-    from .dataset import load_captions
+    from sdxl.dataset import load_captions
 
     captions = load_captions(record["dataset"]["path"], record.get("max_samples")).captions
     writer = ComplianceImageWriter(directory, ids, captions)
@@ -212,7 +211,7 @@ def register(subparsers) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .cli import UserError
+    from sdxl.errors import UserError
 
     try:
         result = write_submission([Path(r) for r in args.runs], [Path(a) for a in args.audits], Path(args.output),

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .pipeline import SDXLPipeline
+from sdxl.pipeline import SDXLPipeline
+
 from .qsl import CaptionQSL
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class BatchingSUT:
         Two denoising steps per batch size run every kernel (text encoders, UNet, VAE) at every shape
         the run will see; the other 18 would only repeat them.
         """
-        from .tokenizers import tokenize
+        from sdxl.tokenizers import tokenize
 
         for n in batch_sizes or sorted({1, self.max_batch}):
             ids = [tokenize(tok, [prompt] * n) for tok in self.qsl.tokenizers]

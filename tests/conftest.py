@@ -29,28 +29,28 @@ def mlperf_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_spec():
-    from harness.models import model_spec
+    from sdxl.models import model_spec
 
     return model_spec("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizers(tiny_spec):
-    from harness.models import load_tokenizers
+    from sdxl.models import load_tokenizers
 
     return load_tokenizers(tiny_spec)
 
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_spec):
-    from backends.base import BackendOptions, create_backend
+    from backends import BackendOptions, create_backend
 
     return create_backend("torch", tiny_spec, BackendOptions(show_progress=False))
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_backend, tiny_spec, tiny_tokenizers):
-    from harness.pipeline import SDXLPipeline
+    from sdxl.pipeline import SDXLPipeline
 
     return SDXLPipeline(tiny_backend, tiny_spec, tiny_tokenizers)
 

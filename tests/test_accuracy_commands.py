@@ -14,12 +14,12 @@ import math
 
 import numpy as np
 import pytest
+from accuracy_helpers import random_images, write_accuracy_log, write_captions_tsv, write_run_json
+from accuracy_helpers.fixtures import random_clip, random_inception  # noqa: F401 (fixtures)
 
 from accuracy.evaluators import Evaluators
 from accuracy.log_reader import AccuracyLogError
 from accuracy.report import AuditOptions, audit_log, evaluate_run
-from accuracy_helpers import random_images, write_accuracy_log, write_captions_tsv, write_run_json
-from accuracy_helpers.fixtures import random_clip, random_inception  # noqa: F401 (fixtures)
 from harness.cli import main
 
 SIZE = 64

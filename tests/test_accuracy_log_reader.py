@@ -7,9 +7,9 @@ import json
 
 import numpy as np
 import pytest
+from accuracy_helpers import random_images, write_accuracy_log
 
 from accuracy.log_reader import AccuracyLogError, LogStats, iter_accuracy_log
-from accuracy_helpers import random_images, write_accuracy_log
 
 
 @pytest.fixture

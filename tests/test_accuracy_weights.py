@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accuracy_helpers.fixtures import random_clip, random_inception  # noqa: F401 (fixtures)
 
 from accuracy.clip_score import ClipScorer, load_clip_state_dict, uses_quick_gelu
 from accuracy.fid import InceptionFeatures
 from accuracy.spec import weight_info
 from accuracy.weights import WeightsUnavailable, file_sha256, resolve_clip, resolve_inception
-from accuracy_helpers.fixtures import random_clip, random_inception  # noqa: F401 (fixtures)
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from calibration.aimet_export import export_aimet, to_aimet
-from calibration.encodings import Encoding, Encodings, EncodingsError
-from calibration.formats import get_format
-from calibration.quantizers import qparams_from_range
+from quant.aimet_export import export_aimet, to_aimet
+from quant.encodings import Encoding, Encodings, EncodingsError
+from quant.formats import get_format
+from quant.quantizers import qparams_from_range
 
 RECIPE = {"name": "w8a8", "weights": {"dtype": "int8", "symmetric": True, "axis": 0, "observer": "minmax"},
           "inputs": {"dtype": "uint8", "symmetric": False, "axis": None, "observer": "minmax"}}

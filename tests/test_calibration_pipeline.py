@@ -46,8 +46,8 @@ def test_calibrate_command_resumes_a_killed_capture_and_reports_sqnr(tmp_path, c
     """``calibrate`` end to end; then kill its capture after the first chunk, resume, get the same encodings."""
     import csv
 
-    from calibration.encodings import Encodings
     from harness.cli import main
+    from quant.encodings import Encodings
 
     out, cache = tmp_path / "w8a8.json", tmp_path / "cache"
     # the first two steps only: the capture stops denoising after the last captured step
@@ -81,8 +81,8 @@ def test_calibrate_command_resumes_a_killed_capture_and_reports_sqnr(tmp_path, c
 
 def test_run_with_a_recipe_calibrates_once_into_the_run_directory(tmp_path):
     """``run --recipe`` with timestep-ranged activations: one calibration, then LoadGen serves the fake-quant model."""
-    from calibration.encodings import Encodings
     from harness.cli import main
+    from quant.encodings import Encodings
 
     out = tmp_path / "run"
     assert main(["run", "--recipe", "w8a8-per-step", "--num-prompts", "1", "--timesteps", "list:951,901",

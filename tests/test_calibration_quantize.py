@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 
-from calibration.encodings import Encoding, EncodingsError
-from calibration.fake_quant import apply_encodings
 from calibration.quantize import quantize
-from calibration.quantizers import fake_quantize
 from calibration.recipes import RecipeError, builtin_recipes, load_recipe, name_matches
+from quant.encodings import Encoding, EncodingsError
+from quant.fake_quant import apply_encodings
+from quant.quantizers import fake_quantize
 
 
 class Toy(torch.nn.Module):
@@ -160,7 +160,7 @@ def _drifting_data(seed=0):
 
 
 def _calibrated_toy(per_timestep: str, groups: int | None = None):
-    from calibration.context import timestep
+    from quant.context import timestep
 
     torch.manual_seed(0)
     model = Toy().eval()
@@ -181,8 +181,8 @@ def _calibrated_toy(per_timestep: str, groups: int | None = None):
 
 
 def test_timestep_ranged_encodings_tile_the_steps_and_beat_one_range_where_activations_drift():
-    from calibration.context import current_timestep
-    from calibration.quantizers import sqnr_db
+    from quant.context import current_timestep
+    from quant.quantizers import sqnr_db
 
     ranged, reference, encodings, data = _calibrated_toy("ranged", groups=2)
     union, _, union_encodings, _ = _calibrated_toy("union")
@@ -208,7 +208,7 @@ def test_timestep_ranged_encodings_tile_the_steps_and_beat_one_range_where_activ
     assert current_timestep() is None  # each call's step is scoped to it: nothing leaks into later calibration
 
     # the file round-trips with its ranges
-    from calibration.encodings import Encodings
+    from quant.encodings import Encodings
     again = Encodings.from_json(json.loads(json.dumps(encodings.to_json())))
     assert [e.timesteps for e in again.components["model"]["conv_in:input[0]"]] == [(901, 951), (0, 900)]
 
@@ -238,7 +238,7 @@ def _tiny_unet_call(tiny_backend):
 def test_attention_matmuls_equal_diffusers_sdpa(tiny_backend):
     from diffusers.models.attention_processor import Attention
 
-    from calibration.attention import add_attention_matmuls
+    from quant.attention import add_attention_matmuls
 
     call = _tiny_unet_call(tiny_backend)
     unet = copy.deepcopy(tiny_backend.unet)
@@ -253,7 +253,7 @@ def test_mha_recipe_quantizes_both_operands_of_both_attention_matmuls(tiny_backe
     """``fp8-mha``: Q, Kᵀ, softmax probabilities and V of every attention get an e4m3 quantizer."""
     from diffusers.models.attention_processor import Attention
 
-    from calibration.quantizers import sqnr_db
+    from quant.quantizers import sqnr_db
 
     call = _tiny_unet_call(tiny_backend)
     unet = copy.deepcopy(tiny_backend.unet)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from backends.base import BackendOptions, create_backend
-from harness.checkpoints import resolve_checkpoint, save_checkpoint
-from harness.latents import draw_latent
-from harness.models import ModelLoadError, load_tokenizers, model_spec
-from harness.pipeline import SDXLPipeline
-from harness.tokenizers import tokenize
+from backends import BackendOptions, create_backend
+from sdxl.checkpoints import resolve_checkpoint, save_checkpoint
+from sdxl.latents import draw_latent
+from sdxl.models import ModelLoadError, load_tokenizers, model_spec
+from sdxl.pipeline import SDXLPipeline
+from sdxl.tokenizers import tokenize
 
 PROMPT = ["a photo of a cat"]
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from harness.benchmark_spec import OFFICIAL_CAPTIONS_SHA256
-from harness.dataset import BUILTIN_CAPTIONS, DatasetError, load_captions
+from sdxl.benchmark_spec import OFFICIAL_CAPTIONS_SHA256
+from sdxl.dataset import BUILTIN_CAPTIONS, DatasetError, load_captions
 
 HEADER = "id\timage_id\tcaption\theight\twidth\tfile_name\tcoco_url\n"
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness.benchmark_spec import OFFICIAL_LATENT_TENSOR_SHA256
-from harness.latents import draw_latent, load_latent, resolve_latent
-from harness.pipeline import make_scheduler
+from sdxl.benchmark_spec import OFFICIAL_LATENT_TENSOR_SHA256
+from sdxl.latents import draw_latent, load_latent, resolve_latent
+from sdxl.pipeline import make_scheduler
 
 
 def test_official_latent_loads_exactly(mlperf_dir):

@@ -28,16 +28,16 @@ import onnx
 import pytest
 import torch
 
-from backends.base import BackendOptions, create_backend
+from backends import BackendOptions, create_backend
 from backends.onnx_export import GraphSignature, export_onnx, parameter_bytes, save_model, unet_signature
 from backends.ort_backend import create_session, run_bound
 from backends.qdq import apply_marks, check_no_marks
-from calibration.encodings import Encoding, tensor_key
-from calibration.fake_quant import apply_encodings
 from calibration.quantize import quantize
-from calibration.quantizers import sqnr_db
 from calibration.sqnr import one_ulp_nudge
 from harness.cli import main
+from quant.encodings import Encoding, tensor_key
+from quant.fake_quant import apply_encodings
+from quant.quantizers import sqnr_db
 
 
 class SmallNet(torch.nn.Module):

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness.benchmark_spec import GUIDANCE_SCALE, NEGATIVE_PROMPT, NUM_INFERENCE_STEPS
-from harness.latents import draw_latent
-from harness.image_bytes import images_to_uint8
-from harness.pipeline import make_scheduler
-from harness.tokenizers import tokenize
+from sdxl.benchmark_spec import GUIDANCE_SCALE, NEGATIVE_PROMPT, NUM_INFERENCE_STEPS
+from sdxl.image_bytes import images_to_uint8
+from sdxl.latents import draw_latent
+from sdxl.pipeline import make_scheduler
+from sdxl.tokenizers import tokenize
 
 # two prompts, batch 2 vs 1: batch 2 already takes the batched GEMM kernels that make TEST01's bytes
 # differ. MLPerf-exactness (diffusers equality) runs the full 20 steps on one prompt; determinism and

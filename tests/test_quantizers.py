@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.formats import get_format
-from calibration.observers import (EmaMinMaxObserver, EntropyObserver, MinMaxObserver, MseObserver,
-                                   PercentileObserver, TimestepKeyedObserver, make_observer)
-from calibration.context import timestep
-from calibration.quantizers import QParams, dequantize, fake_quantize, qparams_from_range, quantize, sqnr_db
+from calibration.observers import (
+    EmaMinMaxObserver,
+    EntropyObserver,
+    MinMaxObserver,
+    MseObserver,
+    PercentileObserver,
+    TimestepKeyedObserver,
+    make_observer,
+)
+from quant.context import timestep
+from quant.formats import get_format
+from quant.quantizers import QParams, dequantize, fake_quantize, qparams_from_range, quantize, sqnr_db
 
 
 def onnx_quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from harness.models import model_spec
+from sdxl.models import model_spec
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from backends.ort_backend import build_unet_model
-from harness.models import model_spec
+from sdxl.models import model_spec
 
 torch.manual_seed(0)
 unet = UNet2DConditionModel(**model_spec("sdxl-random").profile_config["unet"]).eval().requires_grad_(False)

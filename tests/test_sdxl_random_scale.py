@@ -8,8 +8,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def full_backend():
-    from backends.base import BackendOptions, create_backend
-    from harness.models import model_spec
+    from backends import BackendOptions, create_backend
+    from sdxl.models import model_spec
 
     return create_backend("torch", model_spec("sdxl-random"), BackendOptions(show_progress=False))
 

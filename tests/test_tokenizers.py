@@ -3,7 +3,7 @@
 import open_clip
 import pytest
 
-from harness.tokenizers import build_sdxl_tokenizers, tokenize
+from sdxl.tokenizers import build_sdxl_tokenizers, tokenize
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def validate_encodings(module: torch.nn.Module, entries: Entries, where: str = "
     """Check every key names a module of ``module`` and every per-channel shape fits; raise naming the key.
 
     Keys naming attention matmuls (``...attn1.bmm_qk:input[0]``) first give ``module`` those modules
-    (:func:`calibration.attention.add_attention_matmuls`): they are part of the model the keys describe.
+    (:func:`quant.attention.add_attention_matmuls`): they are part of the model the keys describe.
     """
     if names_attention_matmuls(parse_key(key)[0] for key in entries):
         add_attention_matmuls(module)
@@ -212,29 +212,14 @@ def load_weights_delta(components, encodings: Encodings, encodings_path: Path) -
             params[param_name].copy_(tensor)
 
 
-def resolve_encodings(components, options) -> tuple[Encodings, str]:
-    """``--encodings FILE`` (checked against the model, its weights delta loaded) or ``--recipe`` calibrated now.
+def load_encodings_for(components, path: str | Path, allow_fingerprint_mismatch: bool = False) -> Encodings:
+    """An encodings file for ``components``: checked against the model's fingerprint, its weights delta loaded.
 
-    ``options`` is ``backends.base.BackendOptions``; ``options.extra`` may hold ``calibration_captions``,
-    ``num_prompts``, ``timesteps``, ``cache_dir`` and ``allow_fingerprint_mismatch``. Returns the
-    encodings and where they came from (a path, or ``recipe:<name>``).
+    The one way a backend gets quantization: encodings are calibrated before (``calibrate``, or
+    ``run --recipe`` in its own process) and only loaded here; no backend calibrates.
     """
-    extra = dict(getattr(options, "extra", None) or {})
-    if options.encodings:
-        path = Path(options.encodings)
-        encodings = Encodings.load(path)
-        _check_fingerprint(encodings, components.spec, str(path), bool(extra.get("allow_fingerprint_mismatch")))
-        load_weights_delta(components, encodings, path)
-        return encodings, str(path)
-    from .pipeline_calibration import calibrate_components
-
-    encodings = calibrate_components(components, options.recipe, apply=False, show_progress=options.show_progress,
-                                     **{k: extra[k] for k in ("calibration_captions", "num_prompts", "timesteps",
-                                                              "cache_dir") if k in extra})
-    return encodings, f"recipe:{options.recipe}"
-
-
-def apply_encodings_to_components(components, options, skip: tuple[str, ...] = ()) -> AppliedQuantization:
-    """The torch backend's hook: resolve the encodings (file or recipe) and fake-quantize the components."""
-    encodings, source = resolve_encodings(components, options)
-    return apply_to_components(components, encodings, source, skip)
+    path = Path(path)
+    encodings = Encodings.load(path)
+    _check_fingerprint(encodings, components.spec, str(path), allow_fingerprint_mismatch)
+    load_weights_delta(components, encodings, path)
+    return encodings

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from sdxl.errors import UserError
+
 from .formats import SCHEME_TABLE_VERSION, get_format
 from .quantizers import QParams
 
@@ -37,7 +39,7 @@ FORMAT_VERSION = "1.0.0"
 KEY_RE = re.compile(r"^(?P<module>[A-Za-z0-9_.]+):(?P<kind>input|weight|output)\[(?P<index>\d+)\]$")
 
 
-class EncodingsError(ValueError):
+class EncodingsError(UserError, ValueError):
     """A bad encodings file or recipe; the message names the file and the offending key."""
 
 

@@ -9,7 +9,7 @@ finite value before the round-to-nearest-even cast (torch's ``e5m2`` cast overfl
 instead, so we clamp first).
 
 Throughout, ``offset`` is the ONNX ``y_zero_point`` (AIMET's own "offset" is ``qmin - zero_point``,
-converted only in :mod:`calibration.aimet_export`). All arithmetic runs in float32, whatever the
+converted only in :mod:`quant.aimet_export`). All arithmetic runs in float32, whatever the
 model dtype, because fp16 division would change the rounding.
 """
 

@@ -5,7 +5,7 @@ prompt embeddings (``hidden_states[-2]`` of both encoders, pooled output of enco
 negative prompt, guidance 8.0, 20 EulerDiscrete steps, one fixed latent for every prompt, no
 watermark, ``output_type="pt"``, then ``(x * 255).round()`` to uint8 HWC. This module performs the
 same operations in the same order (so images equal diffusers' bit for bit; a test checks it), but
-calls a :class:`backends.base.Backend` for the three model parts, so that backends only swap what
+calls a :class:`sdxl.backend.Backend` for the three model parts, so that backends only swap what
 they accelerate and scenarios only change how prompts are batched.
 """
 
@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from backends.base import Backend
-
+from .backend import Backend
 from .benchmark_spec import GUIDANCE_SCALE, NEGATIVE_PROMPT, NUM_INFERENCE_STEPS
 from .image_bytes import images_to_uint8
 from .models import ModelSpec

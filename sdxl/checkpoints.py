@@ -154,7 +154,7 @@ def _cached_file_sha256(path: Path) -> str:
         cache = {}
     if key not in cache:
         cache[key] = file_sha256(path)
-        from .results import write_json_atomic
+        from sdxl.io import write_json_atomic
 
         write_json_atomic(cache_path, cache)
     return cache[key]

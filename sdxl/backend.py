@@ -1,27 +1,26 @@
-"""The backend interface: the four things a backend runs, and nothing about scheduling or batching.
+"""The backend interface: the model calls the pipeline makes, and nothing about scheduling or batching.
 
-The harness owns the SDXL loop (scheduler, classifier-free guidance, latents, uint8 conversion,
-``harness/pipeline.py``); a backend supplies the model calls it accelerates:
+The pipeline (:mod:`sdxl.pipeline`) owns the SDXL loop (scheduler, classifier-free guidance, latents,
+uint8 conversion); a backend supplies the model calls it accelerates:
 
 * :meth:`Backend.encode_prompts` -- both CLIP text encoders -> (``prompt_embeds``, ``pooled``),
   exactly as SDXL: ``hidden_states[-2]`` of each, concatenated; the pooled projection of encoder 2;
 * :meth:`Backend.predict_noise` -- one UNet call on a CFG batch (negative rows first);
 * :meth:`Backend.decode` -- the VAE decoder on *unscaled* latents, returning images in [-1, 1].
 
-Backends are looked up by name (``--backend``); a new backend is a new module that calls
-:func:`register_backend` at import time and is listed in ``_BACKEND_MODULES``.
+The interface lives here, beside the pipeline that calls it; the implementations and their registry
+live above, in ``backends/``.
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from harness.models import ModelSpec
+from .models import ModelSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,7 +43,7 @@ class BackendOptions:
 
 
 class Backend(ABC):
-    """Runs the SDXL components for :class:`harness.pipeline.SDXLPipeline`."""
+    """Runs the SDXL components for :class:`sdxl.pipeline.SDXLPipeline`."""
 
     #: registry name, e.g. ``"torch"``
     name: str = ""
@@ -85,39 +84,3 @@ class Backend(ABC):
         """Settings recorded in ``run.json``."""
         return {"name": self.name, "dtype": self.options.dtype, "device": self.options.device,
                 "encodings": self.options.encodings, "recipe": self.options.recipe}
-
-
-BackendFactory = Callable[[ModelSpec, BackendOptions], Backend]
-_REGISTRY: dict[str, BackendFactory] = {}
-_ALIASES: dict[str, str] = {}
-#: modules imported on first lookup, so that optional backends' dependencies load only when used
-_BACKEND_MODULES = ("backends.null_backend", "backends.torch_backend", "backends.ort_backend")
-
-
-def register_backend(name: str, factory: BackendFactory, aliases: tuple[str, ...] = ()) -> None:
-    _REGISTRY[name] = factory
-    for alias in aliases:
-        _ALIASES[alias] = name
-
-
-def _load_registry() -> None:
-    for module in _BACKEND_MODULES:
-        importlib.import_module(module)
-
-
-def available_backends() -> list[str]:
-    _load_registry()
-    return sorted(_REGISTRY) + sorted(_ALIASES)
-
-
-def canonical_backend_name(name: str) -> str:
-    _load_registry()
-    name = _ALIASES.get(name, name)
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; available: {', '.join(available_backends())}")
-    return name
-
-
-def create_backend(name: str, spec: ModelSpec, options: BackendOptions) -> Backend:
-    """Instantiate backend ``name`` (aliases allowed) for ``spec``."""
-    return _REGISTRY[canonical_backend_name(name)](spec, options)

@@ -17,11 +17,10 @@ from .run_config import RunConfig
 
 def build_pipeline(config: RunConfig):
     """The backend and the pipeline for ``config`` (also used by benchmarks and calibration)."""
-    from backends.base import BackendOptions, create_backend
-
-    from .models import load_tokenizers, model_spec
-    from .pipeline import SDXLPipeline
-    from .progress import progress_enabled
+    from backends import BackendOptions, create_backend
+    from sdxl.models import load_tokenizers, model_spec
+    from sdxl.pipeline import SDXLPipeline
+    from sdxl.progress import progress_enabled
 
     spec = model_spec(config.profile, config.model_path)
     options = BackendOptions(dtype=config.dtype, device=config.device, encodings=config.encodings,
@@ -35,8 +34,9 @@ def build_pipeline(config: RunConfig):
 def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, Any]:
     import mlperf_loadgen as lg
 
-    from .dataset import load_captions
-    from .latents import load_latent
+    from sdxl.dataset import load_captions
+    from sdxl.latents import load_latent
+
     from .loadgen_results import summarize
     from .loadgen_settings import NO_AUDIT_CONFIG, Overrides, make_log_settings, make_test_settings
     from .qsl import CaptionQSL

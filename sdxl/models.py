@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .benchmark_spec import VAE_SCALE_FACTOR
+from .errors import UserError
 from .tokenizers import build_sdxl_tokenizers
 
 PROFILE_DIR = Path(__file__).parent / "data" / "profiles"
@@ -32,7 +33,7 @@ HOW_TO_GET_SDXL = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model directory or profile that cannot be loaded; the message says what is missing and how to fix it."""
 
 

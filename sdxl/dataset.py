@@ -15,13 +15,14 @@ from pathlib import Path
 import pandas as pd
 
 from .benchmark_spec import CAPTIONS_TSV_COLUMNS
+from .errors import UserError
 
 BUILTIN_CAPTIONS = Path(__file__).parent / "data" / "builtin_captions.tsv"
 HOW_TO_GET_CAPTIONS = ("MLPerf's file is text_to_image/coco2014/captions/captions_source.tsv in mlcommons/inference "
                        "(or run its tools/download-coco-2014.sh)")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A captions file that cannot be used; the message names the file and the problem."""
 
 

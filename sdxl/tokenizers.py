@@ -20,6 +20,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from .benchmark_spec import TOKENIZER_MAX_LENGTH
+from .errors import UserError
 
 #: Entries of the BPE merges list that CLIP uses (49152 - 256 - 2 + 1, as open_clip slices it).
 _NUM_MERGES = 49152 - 256 - 2
@@ -46,7 +47,7 @@ def open_clip_bpe_path() -> Path:
 
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall open_clip_torch (it ships the CLIP BPE vocabulary)")
+        raise UserError(f"{path} is missing: reinstall open_clip_torch (it ships the CLIP BPE vocabulary)")
     return path
 
 

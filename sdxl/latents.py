@@ -15,6 +15,15 @@ from pathlib import Path
 import torch
 
 from .benchmark_spec import LATENT_CHANNELS, LATENT_SEED
+from .errors import UserError
+
+
+class LatentError(UserError, ValueError):
+    """A latent file that does not fit the profile, or (:class:`LatentNotFound`) is missing."""
+
+
+class LatentNotFound(LatentError, FileNotFoundError):
+    """No latent file where one was named; the message says where MLPerf's is."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +57,11 @@ def _resolve_latent_file(path: Path) -> Path:
         for candidate in (path / "latents" / "latents.pt", path / "latents.pt"):
             if candidate.is_file():
                 return candidate
-        raise FileNotFoundError(f"no latents.pt under {path} (expected {path}/latents/latents.pt, as MLPerf's "
-                                "tools/coco.py lays it out; the file is text_to_image/tools/latents.pt in mlcommons/inference)")
+        raise LatentNotFound(f"no latents.pt under {path} (expected {path}/latents/latents.pt, as MLPerf's "
+                             "tools/coco.py lays it out; the file is text_to_image/tools/latents.pt in mlcommons/inference)")
     if not path.is_file():
-        raise FileNotFoundError(f"latent file {path} not found (MLPerf's is text_to_image/tools/latents.pt "
-                                "in mlcommons/inference)")
+        raise LatentNotFound(f"latent file {path} not found (MLPerf's is text_to_image/tools/latents.pt "
+                             "in mlcommons/inference)")
     return path
 
 
@@ -61,11 +70,11 @@ def load_latent(path: str | Path, latent_size: int) -> Latent:
     file = _resolve_latent_file(Path(path))
     tensor = torch.load(file, map_location="cpu", weights_only=True)
     if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{file} holds a {type(tensor).__name__}, not a tensor")
+        raise LatentError(f"{file} holds a {type(tensor).__name__}, not a tensor")
     expected = (1, LATENT_CHANNELS, latent_size, latent_size)
     if tuple(tensor.shape) != expected:
-        raise ValueError(f"{file} has shape {tuple(tensor.shape)}; this profile needs {expected} "
-                         f"({latent_size * 8}x{latent_size * 8} images)")
+        raise LatentError(f"{file} has shape {tuple(tensor.shape)}; this profile needs {expected} "
+                          f"({latent_size * 8}x{latent_size * 8} images)")
     return Latent(tensor.to(torch.float32), f"file:{file.resolve()}")
 
 
