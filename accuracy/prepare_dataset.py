@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 
 from sdxl.benchmark_spec import CAPTIONS_TSV_COLUMNS
-
-from .spec import CALIBRATION_IDS_FILE
+from sdxl.dataset import CALIBRATION_IDS_FILE, read_calibration_ids
 
 SEED = 2023
 MAX_IMAGES = 5000
@@ -60,10 +59,6 @@ def validation_captions(annotations: pd.DataFrame, images: pd.DataFrame, max_ima
     chosen = annotations.drop_duplicates(subset=["image_id"], keep="first").sort_values(by=["id"])
     chosen = chosen.sample(frac=1, random_state=seed).reset_index(drop=True).iloc[:max_images]
     return _clean_and_merge(chosen, images)
-
-
-def read_calibration_ids(path: str | Path = CALIBRATION_IDS_FILE) -> list[int]:
-    return [int(token) for token in Path(path).read_text().split()]
 
 
 def calibration_captions(annotations: pd.DataFrame, images: pd.DataFrame, ids: list[int]) -> pd.DataFrame:

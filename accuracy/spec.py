@@ -14,7 +14,6 @@ from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
 SPEC_FILE = DATA_DIR / "mlperf_sdxl_accuracy.json"
-CALIBRATION_IDS_FILE = DATA_DIR / "coco_cal_captions_list.txt"
 
 
 @dataclass(frozen=True)

@@ -67,23 +67,19 @@ def _weight_forward(module: torch.nn.Module, key: str):
 @contextlib.contextmanager
 def marked(module: torch.nn.Module, keys: Iterable[str]) -> Iterator[None]:
     """Within the block, ``module``'s forward emits a ``Mark`` at each key's tensor."""
-    from quant.encodings import parse_key
+    from quant.slots import resolve_slots
 
-    modules = dict(module.named_modules())
     handles, patched = [], []
     try:
-        for key in sorted(keys):
-            name, kind, index = parse_key(key)
-            target = modules.get(name)
-            if target is None:
-                raise ValueError(f"cannot mark {key}: no module {name!r}")
-            if kind == "weight":
-                target.forward = _weight_forward(target, key)
-                patched.append(target)
-            elif kind == "input":
-                handles.append(target.register_forward_pre_hook(_input_marker(key, index)))
+        for slot in resolve_slots(module, keys, "cannot mark"):
+            if slot.kind == "weight":
+                slot.module.forward = _weight_forward(slot.module, slot.key)
+                patched.append(slot.module)
+            elif slot.kind == "input":
+                handles.append(slot.module.register_forward_pre_hook(_input_marker(slot.key, slot.index),
+                                                                     with_kwargs=True))
             else:
-                handles.append(target.register_forward_hook(_output_marker(key)))
+                handles.append(slot.module.register_forward_hook(_output_marker(slot.key)))
         yield
     finally:
         for handle in handles:
@@ -93,10 +89,13 @@ def marked(module: torch.nn.Module, keys: Iterable[str]) -> Iterator[None]:
 
 
 def _input_marker(key: str, index: int):
-    def hook(module, args):
-        if len(args) > index and isinstance(args[index], torch.Tensor):
-            return args[:index] + (mark(args[index], key),) + args[index + 1:]
-        raise ValueError(f"cannot mark {key}: input {index} of {type(module).__name__} is not a positional tensor")
+    from quant.slots import call_input, replace_call_input
+
+    def hook(module, args, kwargs):
+        x = call_input(module, args, kwargs, index)
+        if x is None:
+            raise ValueError(f"cannot mark {key}: input {index} of {type(module).__name__} is not a tensor in this call")
+        return replace_call_input(module, args, kwargs, index, mark(x, key))
     return hook
 
 

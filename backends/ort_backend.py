@@ -14,11 +14,9 @@ cache holds ``unet.tensor_map.json`` (quantizer key -> ONNX tensor), the AIMET/Q
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +24,14 @@ import numpy as np
 import torch
 
 from sdxl.backend import BackendOptions
-from sdxl.system_info import cpu_flags, isa_summary
+from sdxl.system_info import isa_summary
 
-from .registry import register_backend
+from .registry import BackendFlags, BackendOptionsError, register_backend
 from .torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
 EXECUTION_PROVIDERS = ("cpu", "qnn")
-#: bumped when the export or QDQ insertion changes, so stale cached models are never reused
-EXPORT_VERSION = 1
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
 class OrtBackend(TorchBackend):
@@ -42,19 +39,19 @@ class OrtBackend(TorchBackend):
     runs_elsewhere = ("unet",)
 
     def __init__(self, spec, options: BackendOptions):
-        if options.dtype != "fp32" or options.device != "cpu":
-            raise ValueError("--backend ort runs fp32 ONNX graphs on the CPU (quantized ones with --encodings); "
-                             f"got --dtype {options.dtype} --device {options.device}")
+        check_options(options.dtype, options.device, options.extra)
         self.ep = str(options.extra.get("ep", "cpu"))
-        if self.ep not in EXECUTION_PROVIDERS:
-            raise ValueError(f"--ep {self.ep}: choose one of {', '.join(EXECUTION_PROVIDERS)}")
         super().__init__(spec, options)
+        import onnxruntime
+
+        from .qdq import require_static
+        from .qdq_model import build_unet_model, qdq_model_dir, warn_if_saturating
+
         encodings = self.quantization.encodings if self.quantization else None
         entries = encodings.components.get("unet", {}) if encodings else {}
-        from .qdq import require_static
-
         require_static(entries)
-        self.model_dir = Path(options.extra.get("cache_dir", "build/cache")) / "onnx" / self._cache_key(entries)
+        self.model_dir = qdq_model_dir(Path(options.extra.get("cache_dir", "build/cache")), spec, encodings,
+                                       f"onnxruntime {onnxruntime.__version__}")
         self.model_path = build_unet_model(self.unet, entries, self.model_dir, encodings, options.show_progress)
         warn_if_saturating(self.model_dir / "unet.tensor_map.json")
         self.optimization = str(options.extra.get("ort_optimization", "all"))
@@ -62,19 +59,6 @@ class OrtBackend(TorchBackend):
         self.fusion = _fusion(self.model_dir) if self.optimization == "all" else None  # the report is of "all"
         self.unet = None  # the session holds the weights now; free the PyTorch copy
         self.components.unet = None
-
-    def _cache_key(self, entries: dict) -> str:
-        import onnxruntime
-
-        content = {k: [e.to_json() for e in v] if isinstance(v, list) else v.to_json() for k, v in sorted(entries.items())}
-        delta = None
-        if self.quantization and self.quantization.encodings.weights_delta and self.options.encodings:
-            from sdxl.dataset import file_sha256
-
-            delta = file_sha256(Path(self.options.encodings).parent / self.quantization.encodings.weights_delta)
-        parts = [EXPORT_VERSION, self.spec.fingerprint(), content, delta, torch.__version__, onnxruntime.__version__]
-        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-        return f"{self.spec.profile}-unet-{'qdq' if entries else 'fp32'}-{digest}"
 
     def predict_noise(self, latent_input, timestep, prompt_embeds, text_embeds, time_ids):
         n = latent_input.shape[0]
@@ -98,62 +82,41 @@ class OrtBackend(TorchBackend):
         return out
 
 
+def check_options(dtype: str, device: str, extra: dict[str, Any]) -> None:
+    """What ``--backend ort`` runs: fp32 graphs on the CPU, on one of :data:`EXECUTION_PROVIDERS`.
+
+    The one place this is checked: in the parent before any model loads (:func:`parse_flags`) and
+    again by the backend itself, for callers that build one without the command line.
+    """
+    if dtype != "fp32" or device != "cpu":
+        raise BackendOptionsError("--backend ort runs fp32 ONNX graphs on the CPU (quantized ones with --encodings); "
+                                  f"got --dtype {dtype} --device {device}")
+    ep = extra.get("ep", "cpu")
+    if ep not in EXECUTION_PROVIDERS:
+        raise BackendOptionsError(f"--ep {ep}: choose one of {', '.join(EXECUTION_PROVIDERS)}")
+    if extra.get("ort_threads") is not None and extra["ort_threads"] < 1:
+        raise BackendOptionsError("--ort-threads must be >= 1")
+
+
+def add_flags(group) -> None:
+    group.add_argument("--ep", choices=EXECUTION_PROVIDERS,
+                       help="ONNX Runtime execution provider (default cpu; qnn: the Hexagon HTP, emulated on x86, "
+                            "needs the [qnn] extra)")
+    group.add_argument("--ort-threads", type=int, help="intra-op threads per session (default: torch's threads, "
+                                                       "shared out among --threads workers)")
+    group.add_argument("--ort-optimization", choices=OPTIMIZATION_LEVELS,
+                       help="graph optimisation level (default all; the fusion report needs all)")
+
+
+def parse_flags(args) -> dict[str, Any]:
+    extra = {k: getattr(args, k) for k in ("ep", "ort_threads", "ort_optimization") if getattr(args, k) is not None}
+    check_options(args.dtype, args.device, extra)
+    return extra
+
+
 def _threads(options: BackendOptions) -> int:
     """ONNX Runtime's intra-op threads: as many as torch was given for this worker (LoadGen child sets it)."""
     return int(options.extra.get("ort_threads") or torch.get_num_threads())
-
-
-def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, encodings=None,
-                     show_progress: bool = True) -> Path:
-    """Export ``unet`` (marked at the encodings' keys), insert Q/DQ, write the sidecars; cached by ``directory``.
-
-    Without encodings the export is the model: it is never loaded back, so a full-size UNet (streamed
-    to external data by :func:`~backends.onnx_export.export_onnx`) never sits in memory as protobuf.
-    """
-    import onnx
-
-    from quant.fake_quant import validate_encodings
-
-    from .onnx_export import (
-        EXTERNAL_DATA_BYTES,
-        UNetForExport,
-        export_onnx,
-        initializer_bytes,
-        remove_model,
-        save_model,
-        unet_signature,
-    )
-    from .qdq import QdqResult, apply_marks, check_no_marks
-
-    path = directory / "unet.onnx"
-    if path.is_file():
-        return path
-    directory.mkdir(parents=True, exist_ok=True)
-    if show_progress:
-        print(f"exporting the UNet to ONNX ({len(entries)} quantizers) -> {directory}", flush=True)
-    tensor_map = directory / "unet.tensor_map.json"
-    if not entries:
-        tensor_map.write_text(json.dumps(QdqResult().to_json(), indent=1) + "\n")
-        return export_onnx(UNetForExport(unet), unet_signature(unet), path)  # atomic: the complete entry's mark
-    validate_encodings(unet, entries, "unet")  # clear errors first; adds the attention matmuls keys may name
-    marked = directory / ".unet.marked.onnx"
-    export_onnx(UNetForExport(unet), unet_signature(unet), marked, marks=entries.keys(), prefix="unet.")
-    model = onnx.load(str(marked))
-    result = apply_marks(model, entries)
-    check_no_marks(model)
-    if initializer_bytes(model) < EXTERNAL_DATA_BYTES - (64 << 20):  # the checker needs one protobuf under 2 GB
-        onnx.checker.check_model(model, full_check=False)
-    tensor_map.write_text(json.dumps(result.to_json(), indent=1) + "\n")
-    if encodings is not None:
-        from quant.aimet_export import export_aimet
-        from quant.encodings import Encodings
-
-        unet_only = Encodings(components={"unet": entries}, recipe=encodings.recipe,
-                              excluded={"unet": encodings.excluded.get("unet", [])})
-        export_aimet(unet_only, path, name_map=result.tensor_map)
-    save_model(model, path)  # last: its presence marks a complete cache entry
-    remove_model(marked)
-    return path
 
 
 def _qnn_provider(options: Any) -> None:
@@ -238,15 +201,4 @@ def run_bound(session, inputs: dict[str, torch.Tensor], output: str, shape) -> t
     return out
 
 
-def warn_if_saturating(tensor_map_path: Path) -> None:
-    """u8s8 GEMMs without VNNI use VPMADDUBSW, whose int16 sums of two products saturate above |w| = 64."""
-    if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} or not tensor_map_path.is_file():
-        return
-    isa = isa_summary()
-    widest = json.loads(tensor_map_path.read_text()).get("max_abs_int8_weight", 0)
-    if widest > 64:
-        warnings.warn(f"this CPU ({isa}) has no VNNI: ONNX Runtime's u8s8 kernels may saturate with int8 weights up "
-                      f"to |{widest}|; calibrate with `weights: {{reduce_range: true}}` (7-bit weights)", stacklevel=3)
-
-
-register_backend("ort", OrtBackend, aliases=("onnxruntime",))
+register_backend("ort", OrtBackend, aliases=("onnxruntime",), flags=BackendFlags(add_flags, parse_flags))

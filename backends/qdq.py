@@ -1,7 +1,7 @@
 """Turn the ``Mark`` nodes of a marked export into QuantizeLinear/DequantizeLinear from our encodings.
 
 Not a second calibration: every scale and zero point comes from the encodings file, and weights are
-quantized with :func:`quant.quantizers.quantize` -- the function the fake-quant backend uses --
+quantized with :func:`quant.quantizers.quantize_tensor` -- the function the fake-quant backend uses --
 so the integers in the ONNX model are the ones PyTorch simulated. Activations become ``Q -> DQ``
 pairs; weights become a quantized initializer feeding ``DQ`` (the form ONNX Runtime's and QNN's QDQ
 fusions look for), with a Linear's ``Transpose`` folded into the initializer so nothing sits between
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from quant.encodings import Encoding, EncodingsError, parse_key
-from quant.quantizers import quantize
+from quant.quantizers import quantize_tensor
 
 from .onnx_export import MARK_DOMAIN, MARK_OP
 
@@ -124,7 +124,7 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
             if source not in initializers:
                 raise EncodingsError(f"{key}: the exported weight {source!r} is not a constant initializer")
             weight = torch.from_numpy(numpy_helper.to_array(initializers[source]).copy())
-            q = quantize(weight, enc.qparams()).numpy()
+            q = quantize_tensor(weight, enc.qparams()).numpy()
             if enc.dtype == "int8":
                 result.max_abs_int8_weight = max(result.max_abs_int8_weight, int(np.abs(q).max()))
             axis = enc.axis

@@ -95,9 +95,9 @@ def read_calibration_captions(path: str | Path | None, profile: str, num_prompts
         lines = [line for line in text.splitlines() if line.strip()]
         header = lines[0].split("\t") if lines else []
         if "caption" in header:
-            import pandas as pd
+            from sdxl.dataset import read_captions_tsv
 
-            frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+            frame = read_captions_tsv(path, columns=("caption",))
             for column in ("file_name", "coco_url"):
                 if column in frame and frame[column].str.contains("val2014").any():
                     raise CalibrationDataError(f"{path} holds COCO val2014 captions -- the validation set the benchmark "
@@ -115,6 +115,21 @@ def read_calibration_captions(path: str | Path | None, profile: str, num_prompts
     return captions, source
 
 
+def is_mlperf_calibration_set(path: str | Path | None, num_prompts: int | None = None) -> bool:
+    """Whether these calibration captions are MLPerf's whole set: a TSV whose ``id`` column is exactly the
+    500 annotation ids of ``coco_cal_captions_list.txt`` (what ``prepare-dataset`` writes), none left out."""
+    from sdxl.dataset import DatasetError, read_calibration_ids, read_captions_tsv
+
+    if path is None or not Path(path).is_file():
+        return False
+    try:
+        ids = sorted(int(i) for i in read_captions_tsv(Path(path), columns=("id", "caption"))["id"])
+    except (DatasetError, ValueError):  # a plain caption list, or ids that are not numbers
+        return False
+    official = sorted(read_calibration_ids())
+    return ids == official and (num_prompts is None or num_prompts >= len(official))
+
+
 def _captions_hash(captions: list[str]) -> str:
     return hashlib.sha256("\n".join(captions).encode()).hexdigest()
 
@@ -125,6 +140,8 @@ class CalibrationData:
 
     directory: Path
     manifest: dict
+    #: the captions are MLPerf's calibration set, whole (``submission``'s closed division requires it)
+    mlperf_set: bool = False
 
     @property
     def timesteps(self) -> list[int]:

@@ -15,7 +15,7 @@ from typing import Any
 from backends.torch_backend import TorchBackend
 from quant.encodings import Encodings
 
-from .capture import CalibrationData, CaptureRequest, capture, read_calibration_captions
+from .capture import CalibrationData, CaptureRequest, capture, is_mlperf_calibration_set, read_calibration_captions
 from .quantize import quantize
 from .recipes import Recipe, load_recipe
 
@@ -45,7 +45,9 @@ def capture_for(components, recipe: Recipe, calibration_captions: str | Path | N
             backend.text_encoder = backend.text_encoder_2 = None
             components.text_encoder = components.text_encoder_2 = None
 
-    return capture(pipeline, spec, tokenizers, request, cache_dir, free, show_progress)
+    data = capture(pipeline, spec, tokenizers, request, cache_dir, free, show_progress)
+    data.mlperf_set = is_mlperf_calibration_set(calibration_captions, num_prompts or recipe.calibration.get("num_prompts"))
+    return data
 
 
 def forward_loop_for(name: str, data: CalibrationData, components, show_progress: bool = False):
@@ -81,4 +83,4 @@ def calibrate_components(components, recipe: str | Path | Recipe, *, calibration
 def describe_data(data: CalibrationData) -> dict[str, Any]:
     m = data.manifest
     return {"captions": m["captions"], "captions_sha256": m["captions_sha256"], "num_prompts": m["num_prompts"],
-            "timesteps": m["timesteps"], "cache": str(data.directory)}
+            "mlperf_calibration_set": data.mlperf_set, "timesteps": m["timesteps"], "cache": str(data.directory)}

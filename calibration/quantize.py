@@ -21,6 +21,7 @@ from quant.attention import add_attention_matmuls
 from quant.encodings import Encoding, Encodings, tensor_key
 from quant.quantizers import qparams_from_range
 from quant.sizes import model_size
+from quant.slots import call_input
 
 from .observers import Observer, Range, TimestepKeyedObserver, make_observer
 from .recipes import LayerPlan, QuantizerSpec, Recipe, RecipeError, load_recipe
@@ -57,11 +58,6 @@ def weight_encoding(plan: LayerPlan) -> Encoding:
     return _encoding(observer, spec, axis)
 
 
-def _input_tensor(args: tuple, kwargs: dict, index: int) -> torch.Tensor | None:
-    x = args[index] if len(args) > index else (kwargs.get("input", kwargs.get("hidden_states")) if index == 0 else None)
-    return x if isinstance(x, torch.Tensor) else None
-
-
 class ActivationObservers:
     """Observer hooks on the inputs/outputs of planned layers; removed by :meth:`remove`."""
 
@@ -85,7 +81,7 @@ class ActivationObservers:
     @staticmethod
     def _pre_hook(obs: Observer, index: int):
         def hook(module, args, kwargs):
-            x = _input_tensor(args, kwargs, index)
+            x = call_input(module, args, kwargs, index)
             if x is not None:
                 obs.update(x)
         return hook

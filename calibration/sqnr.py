@@ -22,8 +22,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from quant.encodings import Encoding, tensor_key
+from quant.encodings import Encoding
 from quant.quantizers import fake_quantize
+from quant.slots import call_input, resolve_slots
 
 OUTPUT_ROW = "<output>"
 
@@ -106,27 +107,32 @@ class SqnrReport:
                 for n in names]
 
 
-def _qdq(entries, key: str, x: torch.Tensor) -> torch.Tensor:
-    value = entries.get(key)
-    if value is None:
-        return x
-    enc: Encoding = value[0] if isinstance(value, list) else value
-    return fake_quantize(x, enc.qparams())
+LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d)
 
 
-def _quantized_layer(module: torch.nn.Module, name: str, entries, x: torch.Tensor) -> torch.Tensor:
+def layer_quantizers(module: torch.nn.Module, entries) -> dict[str, dict[str, Encoding]]:
+    """Conv/Linear layer name -> its ``input``/``weight``/``output`` encodings (a ranged key: its noisiest step's)."""
+    layers: dict[str, dict[str, Encoding]] = {}
+    for slot in resolve_slots(module, entries, "sqnr"):
+        if slot.index == 0 and isinstance(slot.module, LAYER_TYPES):
+            value = entries[slot.key]
+            layers.setdefault(slot.name, {})[slot.kind] = value[0] if isinstance(value, list) else value
+    return layers
+
+
+def _qdq(encoding: Encoding | None, x: torch.Tensor) -> torch.Tensor:
+    return x if encoding is None else fake_quantize(x, encoding.qparams())
+
+
+def _quantized_layer(module: torch.nn.Module, quantizers: dict[str, Encoding], x: torch.Tensor) -> torch.Tensor:
     """The layer's output with its own input/weight/output quantizers, from its FP32 input."""
-    xq = _qdq(entries, tensor_key(name, "input"), x)
-    wq = _qdq(entries, tensor_key(name, "weight"), module.weight)
+    xq = _qdq(quantizers.get("input"), x)
+    wq = _qdq(quantizers.get("weight"), module.weight)
     if isinstance(module, torch.nn.Linear):
         out = F.linear(xq, wq, module.bias)
     else:
         out = module._conv_forward(xq, wq, module.bias)
-    return _qdq(entries, tensor_key(name, "output"), out)
-
-
-def layer_names(entries) -> list[str]:
-    return sorted({key.split(":")[0] for key in entries})
+    return _qdq(quantizers.get("output"), out)
 
 
 def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, apply: Callable[[], None],
@@ -134,7 +140,8 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
     """Measure local SQNR on the FP32 model, call ``apply()`` (quantize it in place), measure accumulated."""
     report = SqnrReport(component)
     modules = dict(module.named_modules())
-    layers = [n for n in layer_names(entries) if isinstance(modules.get(n), (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d))]
+    quantizers = layer_quantizers(module, entries)
+    layers = sorted(quantizers)
     tracked = [n for n in modules if n and "." not in n] if block_level else layers
     references: list[dict[str, torch.Tensor]] = []
     outputs: list[torch.Tensor] = []
@@ -148,12 +155,12 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
     seen: set[str] = set()
 
     def local_hook(name):
-        def hook(mod, args, output):
+        def hook(mod, args, kwargs, output):
             see(name)
             if name not in report.local:
                 report.local[name] = _Acc()
                 report.types[name] = type(mod).__name__
-            report.local[name].add(output, _quantized_layer(mod, name, entries, args[0]))
+            report.local[name].add(output, _quantized_layer(mod, quantizers[name], call_input(mod, args, kwargs, 0)))
         return hook
 
     def record_hook(name):
@@ -171,7 +178,7 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
         outputs.append(out.detach().clone())
 
     for name in layers:
-        handles.append(modules[name].register_forward_hook(local_hook(name)))
+        handles.append(modules[name].register_forward_hook(local_hook(name), with_kwargs=True))
     for name in tracked:
         handles.append(modules[name].register_forward_hook(record_hook(name)))
     handles += [module.register_forward_pre_hook(root_pre), module.register_forward_hook(root_post)]

@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from backends.registry import add_backend_arguments, backend_extra_from_args
 from sdxl.benchmark_spec import (
     OFFICIAL_CAPTIONS_SHA256,
     OFFICIAL_IMAGE_SIZE,
@@ -58,13 +59,6 @@ def register(subparsers) -> None:
     parser.add_argument("--num-prompts", type=int, help="with --recipe: calibrate on the first N captions")
     parser.add_argument("--timesteps", help="with --recipe: all | single | uniform:K | list:951,901,... "
                                             "(default: the recipe's, else all)")
-    parser.add_argument("--ep", choices=("cpu", "qnn"),
-                        help="ONNX Runtime execution provider for --backend ort (default cpu; qnn: the Hexagon HTP, "
-                             "emulated on x86, needs the [qnn] extra)")
-    parser.add_argument("--ort-threads", type=int, help="--backend ort: intra-op threads per session (default: torch's "
-                                                        "threads, shared out among --threads workers)")
-    parser.add_argument("--ort-optimization", choices=("disable", "basic", "extended", "all"),
-                        help="--backend ort: graph optimisation level (default all; the fusion report needs all)")
     parser.add_argument("--scenario", default="Offline", choices=SCENARIOS)
     parser.add_argument("--accuracy", action="store_true", help="accuracy mode only (as the reference's flag)")
     parser.add_argument("--mode", choices=("performance", "accuracy", "both"),
@@ -88,6 +82,7 @@ def register(subparsers) -> None:
     parser.add_argument("--reference-run", help="after an accuracy run, compare its images with this run "
                                                 "directory or accuracy log (PSNR, SSIM, FID between sets)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed warm-up of performance tests (2 steps per batch size)")
+    add_backend_arguments(parser)  # each backend's own flags (--ep, --ort-threads, ...), checked by that backend
     parser.set_defaults(func=run_from_args)
 
 
@@ -99,15 +94,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if args.mode not in (None, "accuracy"):
             raise UserError("--accuracy conflicts with --mode " + args.mode)
         modes = ("accuracy",)
-    ort_flags = {"ep": args.ep, "ort_threads": args.ort_threads, "ort_optimization": args.ort_optimization}
-    ort_flags = {k: v for k, v in ort_flags.items() if v is not None}
-    if ort_flags and args.backend not in ("ort", "onnxruntime"):
-        flag = next(iter(ort_flags))
-        flag = "--ep " + args.ep if flag == "ep" else "--" + flag.replace("_", "-")
-        raise UserError(f"{flag} applies to --backend ort only")
-    if args.backend in ("ort", "onnxruntime") and (args.dtype != "fp32" or args.device != "cpu"):
-        raise UserError("--backend ort runs fp32 ONNX graphs on the CPU (quantized ones with --encodings); "
-                        f"got --dtype {args.dtype} --device {args.device}")
+    backend_extra = backend_extra_from_args(args)
     calibration = {k: getattr(args, k) for k in ("calibration_captions", "num_prompts", "timesteps")
                    if getattr(args, k) is not None}
     if calibration and not args.recipe:
@@ -116,7 +103,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise UserError("give --encodings (calibrated already) or --recipe (calibrate now), not both")
     if args.recipe and args.backend == "null":
         raise UserError("--recipe needs a model backend (torch or ort), not null")
-    for name in ("max_batchsize", "threads", "num_prompts", "ort_threads"):
+    for name in ("max_batchsize", "threads", "num_prompts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     timestamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -128,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      qps=args.qps, max_batchsize=args.max_batchsize, threads=args.threads, output=output,
                      save_images=args.save_images, warmup=args.warmup, cache_dir=args.cache_dir,
                      statistics_path=args.statistics_path, reference_run=args.reference_run,
-                     calibration=calibration, backend_extra=ort_flags)
+                     calibration=calibration, backend_extra=backend_extra)
 
 
 #: RunConfig fields spelled differently on the command line
@@ -191,10 +178,7 @@ def execute_run(config: RunConfig) -> RunRecord:
 
     from .loadgen_settings import user_conf_keys
 
-    try:
-        config.backend = canonical_backend_name(config.backend)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    config.backend = canonical_backend_name(config.backend)
     spec = model_spec(config.profile, config.model_path)
     captions = load_captions(config.dataset_path, config.max_samples)
     try:

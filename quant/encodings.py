@@ -2,9 +2,12 @@
 
 Layout (``format: sdxl-ptq-bench/encodings``, documented with an example in ``docs/calibration.md``)::
 
-    {"format": "sdxl-ptq-bench/encodings", "version": "1.0.0", "scheme_table_version": 1,
+    {"format": "sdxl-ptq-bench/encodings", "version": "1.1.0", "scheme_table_version": 1,
      "recipe": {...}, "model": {"profile": ..., "fingerprint": ...}, "calibration": {...},
-     "weights_delta": null | "<file>.safetensors", "size": {<component>: {...}},
+     "methods": [{"kind", "component", "phase", "settings", "seconds", "stats"}, ...],
+     "weights_delta": null | "<file>.safetensors", "weights_delta_sha256": null | "<hex>",
+     "size": {<component>: {...}}, "excluded": {<component>: [...]},
+     "pre_scales": {<component>: {"<module>:input[i]": {"axis": a, "scale": [...]}}},
      "components": {"unet": {"<module>:<input|weight|output>[i]": Entry | [Entry, ...]}}}
 
 An ``Entry`` is ``{dtype, bits, symmetric, axis, scale[], offset[], min[], max[]}`` plus optional
@@ -14,9 +17,17 @@ name, ``scale`` the ``y_scale`` and ``offset`` the ONNX ``y_zero_point`` (``q = 
 arrays have one element per channel along ``axis`` (``axis: null`` = per-tensor, length 1). Sections
 are per component because the two text encoders share module names.
 
+Version 1.1 holds what calibration methods produce, as data every backend applies the same way:
+``weights_delta`` names a safetensors file beside this one with the parameters methods changed
+(``<component>.<parameter>``; a ``bias`` a layer lacked is added), checked against its sha256 on
+load; ``pre_scales`` multiply a layer's input per channel before its quantizer (a ``Mul`` in the ONNX
+export: SmoothQuant where ``1/s`` cannot fold into the previous op); ``methods`` records which
+methods ran, with their settings and cost. Files of version 1.0 still load.
+
 Keys name real module paths inside the component (``down_blocks.1.attentions.0...to_q:weight[0]``);
-attention matmuls use the virtual modules ``<attention>.bmm1`` (inputs Q, K^T) and ``<attention>.bmm2``
-(inputs softmax, V). :func:`validate_encodings` checks names, kinds and shapes against the model.
+attention matmuls use the modules ``<attention>.bmm_qk`` (inputs Q, K^T) and ``<attention>.bmm_pv``
+(inputs softmax, V). :func:`quant.fake_quant.validate_encodings` checks names, kinds and shapes
+against the model.
 """
 
 from __future__ import annotations
@@ -35,7 +46,9 @@ from .formats import SCHEME_TABLE_VERSION, get_format
 from .quantizers import QParams
 
 FORMAT_NAME = "sdxl-ptq-bench/encodings"
-FORMAT_VERSION = "1.0.0"
+FORMAT_VERSION = "1.1.0"
+#: versions this code reads (1.0 files have no pre-scales, no methods and no delta checksum)
+READABLE_VERSIONS = ("1.0.0", "1.1.0")
 KEY_RE = re.compile(r"^(?P<module>[A-Za-z0-9_.]+):(?P<kind>input|weight|output)\[(?P<index>\d+)\]$")
 
 
@@ -136,6 +149,32 @@ class Encoding:
                    data.get("channel_groups"), data.get("observer"))
 
 
+@dataclass
+class PreScale:
+    """A per-channel factor applied to a layer's input before its quantizer: ``x * scale`` along ``axis``."""
+
+    axis: int
+    scale: list[float]
+
+    def tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale`` shaped to broadcast along ``axis`` of ``x``, in ``x``'s dtype and device."""
+        shape = [1] * x.dim()
+        shape[self.axis] = -1
+        return torch.tensor(self.scale, dtype=x.dtype, device=x.device).reshape(shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"axis": self.axis, "scale": self.scale}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "PreScale":
+        if not isinstance(data, dict) or "scale" not in data or not isinstance(data.get("axis"), int):
+            raise EncodingsError(f"{where}: a pre-scale is {{axis: int, scale: [...]}}")
+        scale = [float(v) for v in _as_list(data["scale"])]
+        if not scale or any(not (v == v and 0 < abs(v) < float("inf")) for v in scale):
+            raise EncodingsError(f"{where}: pre-scale factors must be finite and non-zero")
+        return cls(int(data["axis"]), scale)
+
+
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -152,6 +191,12 @@ class Encodings:
     weights_delta: str | None = None
     #: per component, the Conv2d/Linear modules a recipe kept in high precision (AIMET's ``excluded_layers``)
     excluded: dict[str, list[str]] = field(default_factory=dict)
+    weights_delta_sha256: str | None = None
+    pre_scales: dict[str, dict[str, PreScale]] = field(default_factory=dict)
+    #: provenance: one record per method run on a component, in the order they ran
+    methods: list[dict[str, Any]] = field(default_factory=list)
+    #: parameters methods changed, ``<component>.<parameter>`` -> value; written by :meth:`save` as the delta file
+    delta: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def component(self, name: str) -> dict[str, Encoding | list[Encoding]]:
         return self.components.setdefault(name, {})
@@ -160,8 +205,12 @@ class Encodings:
         """Add ``other``'s components (a later ``quantize`` of another component) to this file."""
         for name, entries in other.components.items():
             self.component(name).update(entries)
+        for name, scales in other.pre_scales.items():
+            self.pre_scales.setdefault(name, {}).update(scales)
         self.size.update(other.size)
         self.excluded.update(other.excluded)
+        self.methods.extend(other.methods)
+        self.delta.update(other.delta)
         return self
 
     def num_quantizers(self) -> int:
@@ -170,15 +219,32 @@ class Encodings:
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "scheme_table_version": SCHEME_TABLE_VERSION,
                 "recipe": self.recipe, "model": self.model, "calibration": self.calibration,
-                "weights_delta": self.weights_delta, "size": self.size, "excluded": self.excluded,
+                "methods": self.methods, "weights_delta": self.weights_delta,
+                "weights_delta_sha256": self.weights_delta_sha256, "size": self.size, "excluded": self.excluded,
+                "pre_scales": {c: {k: v.to_json() for k, v in sorted(scales.items())}
+                               for c, scales in self.pre_scales.items() if scales},
                 "components": {c: {k: ([e.to_json() for e in v] if isinstance(v, list) else v.to_json())
                                    for k, v in sorted(entries.items())}
                                for c, entries in self.components.items()}}
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (a killed run never leaves half a file that would load)."""
+        """Write atomically (a killed run never leaves half a file that would load).
+
+        With a :attr:`delta`, its tensors go first to ``<stem>.delta.safetensors`` beside ``path``, and
+        the file records that name and its sha256; the JSON, written last, is what makes the pair whole.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.delta:
+            from safetensors.torch import save_file
+
+            from sdxl.dataset import file_sha256
+
+            delta_path = path.with_name(f"{path.stem}.delta.safetensors")
+            delta_tmp = delta_path.with_name(delta_path.name + ".tmp")
+            save_file({k: v.detach().contiguous().cpu() for k, v in sorted(self.delta.items())}, str(delta_tmp))
+            delta_tmp.replace(delta_path)
+            self.weights_delta, self.weights_delta_sha256 = delta_path.name, file_sha256(delta_path)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
         tmp.replace(path)
@@ -200,6 +266,9 @@ class Encodings:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise EncodingsError(f"{where} is not an sdxl-ptq-bench encodings file (format != {FORMAT_NAME!r}); "
                                  "AIMET files are an export target, not an input")
+        if str(data.get("version", "1.0.0")) not in READABLE_VERSIONS:
+            raise EncodingsError(f"{where} is encodings version {data.get('version')}; this code reads "
+                                 f"{', '.join(READABLE_VERSIONS)}")
         if int(data.get("scheme_table_version", 0)) > SCHEME_TABLE_VERSION:
             raise EncodingsError(f"{where} uses scheme table v{data['scheme_table_version']}, newer than this code's "
                                  f"v{SCHEME_TABLE_VERSION}")
@@ -217,5 +286,13 @@ class Encodings:
                 else:
                     parsed[key] = Encoding.from_json(value, here)
             components[comp] = parsed
+        pre_scales: dict[str, dict[str, PreScale]] = {}
+        for comp, scales in (data.get("pre_scales") or {}).items():
+            for key, value in scales.items():
+                here = f"{where}: pre_scales/{comp}/{key}"
+                if not KEY_RE.match(key) or parse_key(key)[1] != "input":
+                    raise EncodingsError(f"{here}: a pre-scale applies to an input, '<module>:input[i]'")
+                pre_scales.setdefault(comp, {})[key] = PreScale.from_json(value, here)
         return cls(components, data.get("recipe") or {}, data.get("model") or {}, data.get("calibration") or {},
-                   data.get("size") or {}, data.get("weights_delta"), data.get("excluded") or {})
+                   data.get("size") or {}, data.get("weights_delta"), data.get("excluded") or {},
+                   data.get("weights_delta_sha256"), pre_scales, list(data.get("methods") or []))

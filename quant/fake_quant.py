@@ -9,7 +9,6 @@ the component's root reads from the UNet's ``timestep`` argument.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,9 @@ import torch
 
 from .attention import add_attention_matmuls, names_attention_matmuls
 from .context import TimestepFromArgument, current_timestep
-from .encodings import Encoding, Encodings, EncodingsError, parse_key
+from .encodings import Encoding, Encodings, EncodingsError, PreScale, parse_key
 from .quantizers import QParams, fake_quantize
+from .slots import Slot, input_pre_hook, resolve_slots
 
 log = logging.getLogger(__name__)
 Entries = Mapping[str, "Encoding | list[Encoding]"]
@@ -35,36 +35,74 @@ def _channel_axis_size(module: torch.nn.Module, kind: str, axis: int) -> int | N
     return None
 
 
-def validate_encodings(module: torch.nn.Module, entries: Entries, where: str = "encodings") -> None:
+def validate_encodings(module: torch.nn.Module, entries: Entries, where: str = "encodings") -> list[Slot]:
     """Check every key names a module of ``module`` and every per-channel shape fits; raise naming the key.
 
     Keys naming attention matmuls (``...attn1.bmm_qk:input[0]``) first give ``module`` those modules
     (:func:`quant.attention.add_attention_matmuls`): they are part of the model the keys describe.
+    Returns the resolved slots, in key order.
     """
     if names_attention_matmuls(parse_key(key)[0] for key in entries):
         add_attention_matmuls(module)
-    modules = dict(module.named_modules())
-    for key, value in entries.items():
-        name, kind, index = parse_key(key)
-        here = f"{where}: {key}"
-        target = modules.get(name)
-        if target is None:
-            close = difflib.get_close_matches(name, modules.keys(), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise EncodingsError(f"{here}: no module {name!r} in this model{hint}")
+    slots = resolve_slots(module, entries, where)
+    for slot in slots:
+        here = f"{where}: {slot.key}"
+        value = entries[slot.key]
         for enc in value if isinstance(value, list) else [value]:
-            if kind == "weight":
-                weight = getattr(target, "weight", None)
-                if not isinstance(weight, torch.Tensor) or index != 0:
-                    raise EncodingsError(f"{here}: module {name!r} ({type(target).__name__}) has no such weight")
+            if slot.kind == "weight":
+                weight = getattr(slot.module, "weight", None)
+                if not isinstance(weight, torch.Tensor) or slot.index != 0:
+                    raise EncodingsError(f"{here}: module {slot.name!r} ({type(slot.module).__name__}) has no such weight")
                 if enc.axis is not None and enc.channels > 1:
                     if not -weight.dim() <= enc.axis < weight.dim() or weight.shape[enc.axis] != enc.channels:
                         raise EncodingsError(f"{here}: {enc.channels} channels on axis {enc.axis} but the weight has "
                                              f"shape {tuple(weight.shape)}")
             elif enc.axis is not None and enc.channels > 1:
-                expected = _channel_axis_size(target, kind, enc.axis)
+                expected = _channel_axis_size(slot.module, slot.kind, enc.axis)
                 if expected is not None and expected != enc.channels:
-                    raise EncodingsError(f"{here}: {enc.channels} channels on axis {enc.axis} but {name!r} has {expected}")
+                    raise EncodingsError(f"{here}: {enc.channels} channels on axis {enc.axis} but {slot.name!r} "
+                                         f"has {expected}")
+    return slots
+
+
+def install_pre_scales(module: torch.nn.Module, pre_scales: Mapping[str, PreScale],
+                       where: str = "pre_scales") -> list:
+    """Multiply each named input by its per-channel pre-scale; returns the hook handles.
+
+    Installed before any quantizer hook of the same module, so the quantizer (and an observer) sees
+    the scaled input, as the ``Mul`` before the ``QuantizeLinear`` in the ONNX export does.
+    """
+    handles = []
+    for slot in resolve_slots(module, pre_scales, where):
+        pre = pre_scales[slot.key]
+        expected = _channel_axis_size(slot.module, "input", pre.axis)
+        if slot.kind != "input" or (expected is not None and expected != len(pre.scale)):
+            raise EncodingsError(f"{where}: {slot.key}: {len(pre.scale)} factors on axis {pre.axis} do not fit "
+                                 f"{slot.name!r} ({type(slot.module).__name__})")
+        hook = input_pre_hook(slot.index, lambda m, x, pre=pre: x * pre.tensor(x))
+        handles.append(slot.module.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def set_parameters(module: torch.nn.Module, values: Mapping[str, torch.Tensor], where: str) -> None:
+    """Write parameter values a method produced (or a delta file holds) into ``module``, in place.
+
+    A ``<layer>.bias`` that the layer lacks is added (bias correction on ``to_q``/``to_k``/``to_v``,
+    which have none; AIMET adds zero biases first); any other name must be a parameter of that shape.
+    """
+    params = dict(module.named_parameters())
+    layers = dict(module.named_modules())
+    for name, tensor in values.items():
+        owner, _, leaf = name.rpartition(".")
+        layer = layers.get(owner)
+        if name not in params and leaf == "bias" and isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) \
+                and layer.bias is None and tuple(tensor.shape) == (layer.weight.shape[0],):
+            layer.bias = torch.nn.Parameter(tensor.to(layer.weight), requires_grad=False)
+            continue
+        if name not in params or params[name].shape != tensor.shape:
+            raise EncodingsError(f"{where}: {name} {tuple(tensor.shape)} does not match a parameter of this model")
+        with torch.no_grad():
+            params[name].copy_(tensor)
 
 
 class _Quantizer:
@@ -106,14 +144,6 @@ class FakeQuantHandle:
         self.handles.clear()
 
 
-def _input_hook(quantizer: _Quantizer, index: int):
-    def hook(module, args):
-        if len(args) > index and isinstance(args[index], torch.Tensor):
-            return args[:index] + (quantizer(args[index]),) + args[index + 1:]
-        return None
-    return hook
-
-
 def _output_hook(quantizer: _Quantizer):
     def hook(module, args, output):
         return quantizer(output) if isinstance(output, torch.Tensor) else None
@@ -121,24 +151,28 @@ def _output_hook(quantizer: _Quantizer):
 
 
 def apply_encodings(module: torch.nn.Module, entries: Entries, component: str = "model",
-                    where: str = "encodings") -> FakeQuantHandle:
-    """Validate ``entries`` against ``module``, q/dq its weights in place and hook its activations."""
-    validate_encodings(module, entries, where)
-    modules = dict(module.named_modules())
+                    where: str = "encodings", pre_scales: Mapping[str, PreScale] | None = None) -> FakeQuantHandle:
+    """Validate ``entries`` against ``module``, q/dq its weights in place and hook its activations.
+
+    ``pre_scales`` (a method's per-channel input factors) are hooked first, so each input quantizer
+    sees the scaled input; pass them only to a model that does not carry them yet.
+    """
+    slots = validate_encodings(module, entries, where)
     handle = FakeQuantHandle(component, sorted(entries))
+    handle.handles.extend(install_pre_scales(module, pre_scales or {}, f"{where}: pre_scales"))
     ranged = False
-    for key, value in sorted(entries.items()):
-        name, kind, index = parse_key(key)
-        target = modules[name]
+    for slot in slots:
+        value = entries[slot.key]
         quantizer = _Quantizer(value)
         ranged |= isinstance(value, list)
-        if kind == "weight":
+        if slot.kind == "weight":
             with torch.no_grad():
-                target.weight.copy_(quantizer(target.weight))
-        elif kind == "input":
-            handle.handles.append(target.register_forward_pre_hook(_input_hook(quantizer, index)))
+                slot.module.weight.copy_(quantizer(slot.module.weight))
+        elif slot.kind == "input":
+            hook = input_pre_hook(slot.index, lambda m, x, q=quantizer: q(x))
+            handle.handles.append(slot.module.register_forward_pre_hook(hook, with_kwargs=True))
         else:
-            handle.handles.append(target.register_forward_hook(_output_hook(quantizer)))
+            handle.handles.append(slot.module.register_forward_hook(_output_hook(quantizer)))
     if ranged:
         handle.handles.extend(TimestepFromArgument().register(module))
     return handle
@@ -157,6 +191,7 @@ class AppliedQuantization:
 
         return {"source": self.source, "recipe": self.encodings.recipe.get("name"),
                 "model_fingerprint": self.encodings.model.get("fingerprint"),
+                "methods": [{k: m.get(k) for k in ("kind", "component", "phase", "settings")} for m in self.encodings.methods],
                 "quantizers": {c: len(h.keys) for c, h in self.handles.items()},
                 "size": {**self.encodings.size, "total": total_size(self.encodings.size)} if self.encodings.size else {}}
 
@@ -166,7 +201,8 @@ def apply_to_components(components, encodings: Encodings, source: str,
     """Apply each component section of ``encodings`` to the matching module of ``components``.
 
     ``skip`` names components another runtime quantizes from the same encodings (the ONNX Runtime
-    backend's UNet): they are checked here but left unhooked.
+    backend's UNet): they are checked here but left unhooked (that runtime's graph carries their
+    pre-scales and quantizers).
     """
     applied = AppliedQuantization(encodings, source)
     for name, entries in encodings.components.items():
@@ -176,7 +212,8 @@ def apply_to_components(components, encodings: Encodings, source: str,
         if name in skip:
             validate_encodings(module, entries, f"{source}: {name}")
             continue
-        applied.handles[name] = apply_encodings(module, entries, name, f"{source}: {name}")
+        applied.handles[name] = apply_encodings(module, entries, name, f"{source}: {name}",
+                                                encodings.pre_scales.get(name))
     return applied
 
 
@@ -194,22 +231,34 @@ def _check_fingerprint(encodings: Encodings, spec, source: str, allow_mismatch: 
 
 
 def load_weights_delta(components, encodings: Encodings, encodings_path: Path) -> None:
-    """Overwrite weights changed by a method (SmoothQuant, CLE, AdaRound...) from the delta beside the file."""
+    """Write the parameters methods changed (SmoothQuant, CLE, AdaRound, bias correction...) into ``components``.
+
+    The delta file beside the encodings is checked against its recorded sha256 (a 1.0 file records
+    none: the hash is taken now, so caches keyed on it still see a changed delta).
+    """
     if not encodings.weights_delta:
         return
     from safetensors.torch import load_file
 
+    from sdxl.dataset import file_sha256
+
     path = encodings_path.parent / encodings.weights_delta
     if not path.is_file():
         raise EncodingsError(f"{encodings_path}: weights_delta {path} not found")
+    digest = file_sha256(path)
+    if encodings.weights_delta_sha256 not in (None, digest):
+        raise EncodingsError(f"{path}: sha256 {digest} is not the {encodings.weights_delta_sha256} that "
+                             f"{encodings_path} was written with (a delta from another calibration?)")
+    encodings.weights_delta_sha256 = digest
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
     for full_name, tensor in load_file(str(path)).items():
         component, _, param_name = full_name.partition(".")
+        by_component.setdefault(component, {})[param_name] = tensor
+    for component, values in by_component.items():
         module = getattr(components, component, None)
-        params = dict(module.named_parameters()) if module is not None else {}
-        if param_name not in params or params[param_name].shape != tensor.shape:
-            raise EncodingsError(f"{path}: {full_name} does not match a parameter of this model")
-        with torch.no_grad():
-            params[param_name].copy_(tensor)
+        if module is None:
+            raise EncodingsError(f"{path}: component {component!r} is not part of this model")
+        set_parameters(module, values, str(path))
 
 
 def load_encodings_for(components, path: str | Path, allow_fingerprint_mismatch: bool = False) -> Encodings:

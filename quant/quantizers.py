@@ -48,7 +48,7 @@ def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.
     return param.reshape(shape)
 
 
-def quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+def quantize_tensor(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """``x`` -> integers (as float32) or FP8-representable values (as float32), ONNX-exact."""
     x = x.float()
     scale = _broadcast(qp.scale.to(x.device), x, qp.axis)
@@ -70,7 +70,7 @@ def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Quantize then dequantize, returned in ``x``'s dtype (the simulation of a Q/DQ pair)."""
-    return dequantize(quantize(x, qp), qp).to(x.dtype)
+    return dequantize(quantize_tensor(x, qp), qp).to(x.dtype)
 
 
 def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, fmt: QFormat, symmetric: bool,

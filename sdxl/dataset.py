@@ -18,6 +18,8 @@ from .benchmark_spec import CAPTIONS_TSV_COLUMNS
 from .errors import UserError
 
 BUILTIN_CAPTIONS = Path(__file__).parent / "data" / "builtin_captions.tsv"
+#: MLPerf's calibration set: 500 COCO train2014 *annotation* ids (``coco_cal_captions_list.txt``)
+CALIBRATION_IDS_FILE = Path(__file__).parent / "data" / "coco_cal_captions_list.txt"
 HOW_TO_GET_CAPTIONS = ("MLPerf's file is text_to_image/coco2014/captions/captions_source.tsv in mlcommons/inference "
                        "(or run its tools/download-coco-2014.sh)")
 
@@ -67,14 +69,16 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_captions(path: str | Path | None = None, max_samples: int | None = None) -> CaptionSet:
-    """Read and validate a captions TSV; ``max_samples`` keeps the first N rows (qsl_idx 0..N-1)."""
-    file = resolve_captions_path(path)
+def read_captions_tsv(file: Path, columns: tuple[str, ...] = CAPTIONS_TSV_COLUMNS) -> pd.DataFrame:
+    """The one reader of a captions TSV (the benchmark's, or the calibration set's); captions as text.
+
+    Checks what both uses need: the file parses, has ``columns``, has rows, and no caption is empty.
+    """
     try:
         frame = pd.read_csv(file, sep="\t", dtype={"caption": str}, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DatasetError(f"cannot read captions file {file}: {exc}") from None
-    missing = [c for c in CAPTIONS_TSV_COLUMNS if c not in frame.columns]
+    missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DatasetError(f"{file} lacks column(s) {', '.join(missing)}; expected the MLPerf TSV header "
                            f"{' '.join(CAPTIONS_TSV_COLUMNS)}")
@@ -83,6 +87,13 @@ def load_captions(path: str | Path | None = None, max_samples: int | None = None
     empty = frame.index[frame["caption"].str.strip() == ""].tolist()
     if empty:
         raise DatasetError(f"{file}: empty caption in row(s) {_rows(empty)} (qsl_idx)")
+    return frame
+
+
+def load_captions(path: str | Path | None = None, max_samples: int | None = None) -> CaptionSet:
+    """Read and validate MLPerf's captions TSV; ``max_samples`` keeps the first N rows (qsl_idx 0..N-1)."""
+    file = resolve_captions_path(path)
+    frame = read_captions_tsv(file)
     duplicated = frame.index[frame["id"].duplicated()].tolist()
     if duplicated:
         raise DatasetError(f"{file}: duplicate id {frame['id'][duplicated[0]]} in row(s) {_rows(duplicated)} (qsl_idx)")
@@ -91,6 +102,10 @@ def load_captions(path: str | Path | None = None, max_samples: int | None = None
             raise DatasetError(f"--max-samples must be >= 1 (got {max_samples})")
         frame = frame.iloc[:max_samples]
     return CaptionSet(file, file_sha256(file), frame.reset_index(drop=True), builtin=file == BUILTIN_CAPTIONS)
+
+
+def read_calibration_ids(path: str | Path = CALIBRATION_IDS_FILE) -> list[int]:
+    return [int(token) for token in Path(path).read_text().split()]
 
 
 def _rows(indices: list[int], limit: int = 5) -> str:

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from accuracy.prepare_dataset import prepare_dataset, read_calibration_ids
-from accuracy.spec import CALIBRATION_IDS_FILE
+from accuracy.prepare_dataset import prepare_dataset
+from sdxl.dataset import CALIBRATION_IDS_FILE, read_calibration_ids
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "mlperf"
 

@@ -19,7 +19,7 @@ from calibration.observers import (
 )
 from quant.context import timestep
 from quant.formats import get_format
-from quant.quantizers import QParams, dequantize, fake_quantize, qparams_from_range, quantize, sqnr_db
+from quant.quantizers import QParams, dequantize, fake_quantize, qparams_from_range, quantize_tensor, sqnr_db
 
 
 def onnx_quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int,
@@ -59,7 +59,7 @@ def test_error_within_half_step_inside_range_and_saturation_outside(dtype, symme
 def test_ties_round_to_even():
     qp = _qp("int8", 0.5)
     x = torch.tensor([0.25, 0.75, 1.25, -0.25, -0.75, 63.25, 63.75])  # x / 0.5 = 0.5, 1.5, 2.5, ... exact ties
-    assert quantize(x, qp).tolist() == [0.0, 2.0, 2.0, -0.0, -2.0, 126.0, 127.0]
+    assert quantize_tensor(x, qp).tolist() == [0.0, 2.0, 2.0, -0.0, -2.0, 126.0, 127.0]
 
 
 def test_asymmetric_range_keeps_zero_exact():
@@ -78,7 +78,7 @@ def test_bit_exact_against_onnx_quantize_linear(dtype, axis):
     scale = (torch.rand(channels, generator=gen) * 0.05 + 0.011).float()
     offset = torch.randint(fmt.qmin, fmt.qmax + 1, (channels,), generator=gen).float() if not fmt.signed else torch.zeros(channels)
     qp = QParams(fmt, scale, offset, axis, fmt.signed)
-    ours = quantize(x, qp).numpy()
+    ours = quantize_tensor(x, qp).numpy()
     ref = onnx_quantize_linear(x.numpy(), scale.numpy(), offset.numpy(), fmt.qmin, fmt.qmax, axis)
     np.testing.assert_array_equal(ours, ref)
     # dequantize is (q - zp) * scale, exactly
@@ -97,7 +97,7 @@ def test_division_not_reciprocal_matters():
     diff = np.nonzero(by_div != by_mul)[0]
     assert diff.size > 0, "expected float32 values that distinguish x/s from x*(1/s)"
     qp = _qp("int16", float(scale))
-    np.testing.assert_array_equal(quantize(torch.from_numpy(xs[diff]), qp).numpy(), np.clip(by_div[diff], -32768, 32767))
+    np.testing.assert_array_equal(quantize_tensor(torch.from_numpy(xs[diff]), qp).numpy(), np.clip(by_div[diff], -32768, 32767))
 
 
 @pytest.mark.parametrize("dtype,fmax", [("float8e4m3fn", 448.0), ("float8e5m2", 57344.0)])

@@ -1,0 +1,98 @@
+"""The UNet as a QDQ ONNX model from our encodings: export, Q/DQ insertion, sidecars, cache key.
+
+Shared by every backend that runs the UNet from an ONNX graph (ONNX Runtime today, TensorRT next):
+the graph is built once per model, encodings and toolchain, under ``<cache-dir>/onnx/<key>/``, and a
+backend only adds its runtime's own files beside it. The scales and integers come from the encodings
+file alone (:mod:`backends.qdq`), so every runtime runs the numbers fake-quant simulates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from sdxl.system_info import cpu_flags, isa_summary
+
+#: bumped when the export or QDQ insertion changes, so stale cached models are never reused
+EXPORT_VERSION = 1
+
+
+def qdq_model_dir(cache_dir: Path, spec, encodings, runtime: str) -> Path:
+    """``<cache_dir>/onnx/<profile>-unet-<fp32|qdq>-<key>``: the key covers the model fingerprint, the UNet's
+    encodings and weights delta, the exporter, and ``runtime`` (whose own files share the directory)."""
+    entries = encodings.components.get("unet", {}) if encodings else {}
+    content = {k: [e.to_json() for e in v] if isinstance(v, list) else v.to_json() for k, v in sorted(entries.items())}
+    delta = encodings.weights_delta_sha256 if encodings else None
+    parts = [EXPORT_VERSION, spec.fingerprint(), content, delta, torch.__version__, runtime]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "onnx" / f"{spec.profile}-unet-{'qdq' if entries else 'fp32'}-{digest}"
+
+
+def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, encodings=None,
+                     show_progress: bool = True) -> Path:
+    """Export ``unet`` (marked at the encodings' keys), insert Q/DQ, write the sidecars; cached by ``directory``.
+
+    Without encodings the export is the model: it is never loaded back, so a full-size UNet (streamed
+    to external data by :func:`~backends.onnx_export.export_onnx`) never sits in memory as protobuf.
+    """
+    import onnx
+
+    from quant.fake_quant import validate_encodings
+
+    from .onnx_export import (
+        EXTERNAL_DATA_BYTES,
+        UNetForExport,
+        export_onnx,
+        initializer_bytes,
+        remove_model,
+        save_model,
+        unet_signature,
+    )
+    from .qdq import QdqResult, apply_marks, check_no_marks
+
+    path = directory / "unet.onnx"
+    if path.is_file():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    if show_progress:
+        print(f"exporting the UNet to ONNX ({len(entries)} quantizers) -> {directory}", flush=True)
+    tensor_map = directory / "unet.tensor_map.json"
+    if not entries:
+        tensor_map.write_text(json.dumps(QdqResult().to_json(), indent=1) + "\n")
+        return export_onnx(UNetForExport(unet), unet_signature(unet), path)  # atomic: the complete entry's mark
+    validate_encodings(unet, entries, "unet")  # clear errors first; adds the attention matmuls keys may name
+    marked = directory / ".unet.marked.onnx"
+    export_onnx(UNetForExport(unet), unet_signature(unet), marked, marks=entries.keys(), prefix="unet.")
+    model = onnx.load(str(marked))
+    result = apply_marks(model, entries)
+    check_no_marks(model)
+    if initializer_bytes(model) < EXTERNAL_DATA_BYTES - (64 << 20):  # the checker needs one protobuf under 2 GB
+        onnx.checker.check_model(model, full_check=False)
+    tensor_map.write_text(json.dumps(result.to_json(), indent=1) + "\n")
+    if encodings is not None:
+        from quant.aimet_export import export_aimet
+        from quant.encodings import Encodings
+
+        unet_only = Encodings(components={"unet": entries}, recipe=encodings.recipe,
+                              excluded={"unet": encodings.excluded.get("unet", [])})
+        export_aimet(unet_only, path, name_map=result.tensor_map)
+    save_model(model, path)  # last: its presence marks a complete cache entry
+    remove_model(marked)
+    return path
+
+
+def warn_if_saturating(tensor_map_path: Path) -> None:
+    """u8s8 GEMMs without VNNI use VPMADDUBSW, whose int16 sums of two products saturate above |w| = 64."""
+    if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} or not tensor_map_path.is_file():
+        return
+    isa = isa_summary()
+    widest = json.loads(tensor_map_path.read_text()).get("max_abs_int8_weight", 0)
+    if widest > 64:
+        warnings.warn(f"this CPU ({isa}) has no VNNI: ONNX Runtime's u8s8 kernels may saturate with int8 weights up "
+                      f"to |{widest}|; calibrate with `weights: {{reduce_range: true}}` (7-bit weights)", stacklevel=3)
+
+
