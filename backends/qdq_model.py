@@ -28,6 +28,9 @@ def qdq_model_dir(cache_dir: Path, spec, encodings, runtime: str) -> Path:
     content = {k: [e.to_json() for e in v] if isinstance(v, list) else v.to_json() for k, v in sorted(entries.items())}
     delta = encodings.weights_delta_sha256 if encodings else None
     parts = [EXPORT_VERSION, spec.fingerprint(), content, delta, torch.__version__, runtime]
+    pre_scales = encodings.pre_scales.get("unet") if encodings else None
+    if pre_scales:
+        parts.append({k: v.to_json() for k, v in sorted(pre_scales.items())})
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / "onnx" / f"{spec.profile}-unet-{'qdq' if entries else 'fp32'}-{digest}"
 
@@ -38,10 +41,12 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
 
     Without encodings the export is the model: it is never loaded back, so a full-size UNet (streamed
     to external data by :func:`~backends.onnx_export.export_onnx`) never sits in memory as protobuf.
+    The encodings' UNet pre-scales (a method's per-channel input factors) are hooked during the export,
+    so each becomes a ``Mul`` before its input's ``QuantizeLinear``, as fake quantization runs it.
     """
     import onnx
 
-    from quant.fake_quant import validate_encodings
+    from quant.fake_quant import pre_scaled, validate_encodings
 
     from .onnx_export import (
         EXTERNAL_DATA_BYTES,
@@ -61,12 +66,15 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
     if show_progress:
         print(f"exporting the UNet to ONNX ({len(entries)} quantizers) -> {directory}", flush=True)
     tensor_map = directory / "unet.tensor_map.json"
+    pre_scales = encodings.pre_scales.get("unet", {}) if encodings is not None else {}
     if not entries:
         tensor_map.write_text(json.dumps(QdqResult().to_json(), indent=1) + "\n")
-        return export_onnx(UNetForExport(unet), unet_signature(unet), path)  # atomic: the complete entry's mark
+        with pre_scaled(unet, pre_scales):  # atomic export: the file is the complete entry's mark
+            return export_onnx(UNetForExport(unet), unet_signature(unet), path)
     validate_encodings(unet, entries, "unet")  # clear errors first; adds the attention matmuls keys may name
     marked = directory / ".unet.marked.onnx"
-    export_onnx(UNetForExport(unet), unet_signature(unet), marked, marks=entries.keys(), prefix="unet.")
+    with pre_scaled(unet, pre_scales):
+        export_onnx(UNetForExport(unet), unet_signature(unet), marked, marks=entries.keys(), prefix="unet.")
     model = onnx.load(str(marked))
     result = apply_marks(model, entries)
     check_no_marks(model)

@@ -13,16 +13,20 @@ module leaves fake-quantized: weights q/dq'd in place, activation q/dq hooks ins
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import time
+from dataclasses import asdict
+from typing import Any, Callable
 
 import torch
 
 from quant.attention import add_attention_matmuls
-from quant.encodings import Encoding, Encodings, tensor_key
+from quant.encodings import Encoding, Encodings, PreScale, parse_key, tensor_key
+from quant.fake_quant import apply_encodings, install_pre_scales, set_parameters
 from quant.quantizers import qparams_from_range
 from quant.sizes import model_size
 from quant.slots import call_input
 
+from .methods import MethodError, MethodResult, MethodTarget, method_class
 from .observers import Observer, Range, TimestepKeyedObserver, make_observer
 from .recipes import LayerPlan, QuantizerSpec, Recipe, RecipeError, load_recipe
 
@@ -108,33 +112,107 @@ class ActivationObservers:
         return out
 
 
-def quantize(module: torch.nn.Module, recipe: Recipe | str | dict, forward_loop: ForwardLoop | None = None, *,
-             component: str = "model", apply: bool = True) -> Encodings:
-    """Calibrate ``module`` with ``recipe`` over ``forward_loop(module)``; return (and by default apply) encodings."""
-    recipe = load_recipe(recipe)
-    if "MatMul" in recipe.types:
-        add_attention_matmuls(module)
-    plans, excluded = recipe.plan(module)
-    if not plans:
-        raise RecipeError(f"{recipe.source}: matches no {'/'.join(recipe.types)} module of {component}")
-    entries: dict[str, Encoding | list[Encoding]] = {}
-    for plan in plans:
-        if plan.weights is not None and getattr(plan.module, "weight", None) is not None:
-            entries[tensor_key(plan.name, "weight")] = weight_encoding(plan)
-    hooks = ActivationObservers(plans)
-    if hooks.observers:
-        if forward_loop is None:
-            raise ValueError(f"recipe {recipe.name} quantizes activations: quantize() needs a forward_loop")
+def _run_method(config, target: MethodTarget) -> tuple[MethodResult, dict[str, Any]]:
+    """Run one configured method; its result and its provenance record."""
+    cls = method_class(config.kind)
+    started = time.perf_counter()
+    result = cls(config.settings).run(target)
+    record = {"kind": cls.kind, "component": target.component, "phase": cls.phase,
+              "settings": asdict(config.settings), "changes_sampler": cls.changes_sampler,
+              "seconds": round(time.perf_counter() - started, 3), "stats": result.stats}
+    return result, record
+
+
+class _Calibration:
+    """One component's calibration: the encodings so far, and what methods changed, applied as they go."""
+
+    def __init__(self, module: torch.nn.Module, recipe: Recipe, component: str, forward_loop: ForwardLoop | None):
+        self.module, self.recipe, self.component, self.forward_loop = module, recipe, component, forward_loop
+        self.plans, self.excluded = recipe.plan(module)
+        if not self.plans:
+            raise RecipeError(f"{recipe.source}: matches no {'/'.join(recipe.types)} module of {component}")
+        self.entries: dict[str, Encoding | list[Encoding]] = {}
+        self.pre_scales: dict[str, PreScale] = {}
+        self.changed: set[str] = set()  # parameter names methods wrote
+        self.records: list[dict[str, Any]] = []
+
+    def run_methods(self, phase: str) -> None:
+        for config in self.recipe.methods:
+            if method_class(config.kind).phase != phase:
+                continue
+            target = MethodTarget(self.module, self.component, self.plans, self.forward_loop, dict(self.entries),
+                                  dict(self.pre_scales))
+            result, record = _run_method(config, target)
+            self._apply(result, phase, f"{self.recipe.source}: {config.kind} on {self.component}")
+            self.records.append(record)
+
+    def _apply(self, result: MethodResult, phase: str, where: str) -> None:
+        """Check ``result`` against what ``phase`` may change, then apply it to the module at once."""
+        if result.pre_scales and phase != "pre_ranges":
+            raise MethodError(f"{where}: pre-scales can only be added before any range is observed (pre_ranges)")
+        if result.encodings and phase != "post_ranges":
+            raise MethodError(f"{where}: encodings can only be changed after the ranges (post_ranges)")
+        frozen = [k for k in result.encodings if parse_key(k)[1] == "weight"]
+        if frozen:
+            raise MethodError(f"{where}: weight encodings are frozen once computed ({frozen[0]}); change the "
+                              "weights instead")
+        set_parameters(self.module, result.weights, where)
+        self.changed.update(result.weights)
+        for key, pre in result.pre_scales.items():
+            install_pre_scales(self.module, {key: pre}, where)  # hooks compose: factors of two methods multiply
+            if key in self.pre_scales:
+                pre = PreScale(pre.axis, [a * b for a, b in zip(self.pre_scales[key].scale, pre.scale)])
+            self.pre_scales[key] = pre
+        self.entries.update(result.encodings)
+
+    def compute_weight_encodings(self) -> None:
+        for plan in self.plans:
+            if plan.weights is not None and getattr(plan.module, "weight", None) is not None:
+                self.entries[tensor_key(plan.name, "weight")] = weight_encoding(plan)
+
+    def observe_activations(self) -> None:
+        hooks = ActivationObservers(self.plans)
+        if not hooks.observers:
+            return
+        if self.forward_loop is None:
+            raise ValueError(f"recipe {self.recipe.name} quantizes activations: quantize() needs a forward_loop")
         try:
             with torch.inference_mode():
-                forward_loop(module)
+                self.forward_loop(self.module)
         finally:
             hooks.remove()
-        entries.update(hooks.encodings())
-    encodings = Encodings(components={component: entries}, recipe=recipe.to_json(), excluded={component: excluded})
-    encodings.size[component] = model_size(module, entries)
-    if apply:
-        from quant.fake_quant import apply_encodings
+        self.entries.update(hooks.encodings())
 
-        apply_encodings(module, entries, component)
+    def encodings(self) -> Encodings:
+        params = dict(self.module.named_parameters())
+        component = self.component
+        encodings = Encodings(components={component: self.entries}, recipe=self.recipe.to_json(),
+                              excluded={component: self.excluded}, methods=self.records,
+                              pre_scales={component: dict(self.pre_scales)} if self.pre_scales else {},
+                              delta={f"{component}.{name}": params[name].detach().clone() for name in sorted(self.changed)})
+        encodings.size[component] = model_size(self.module, self.entries)
+        return encodings
+
+
+def quantize(module: torch.nn.Module, recipe: Recipe | str | dict, forward_loop: ForwardLoop | None = None, *,
+             component: str = "model", apply: bool = True) -> Encodings:
+    """Calibrate ``module`` with ``recipe`` over ``forward_loop(module)``; return (and by default apply) encodings.
+
+    The recipe's methods for ``component`` run in their phases: ``pre_ranges`` ones, then the weight
+    encodings (frozen from here on), ``post_weight_ranges`` ones, the activation ranges, ``post_ranges``
+    ones. What methods change stays in ``module`` (changed weights, pre-scale hooks): it is the FP32
+    model the encodings describe. With ``apply=True`` it also leaves fake-quantized.
+    """
+    recipe = load_recipe(recipe).for_component(component)
+    if "MatMul" in recipe.types:
+        add_attention_matmuls(module)
+    calibration = _Calibration(module, recipe, component, forward_loop)
+    calibration.run_methods("pre_ranges")
+    calibration.compute_weight_encodings()
+    calibration.run_methods("post_weight_ranges")
+    calibration.observe_activations()
+    calibration.run_methods("post_ranges")
+    encodings = calibration.encodings()
+    if apply:
+        apply_encodings(module, calibration.entries, component)  # its pre-scales are installed already
     return encodings

@@ -4,7 +4,11 @@ A recipe is a YAML (or JSON) file; the built-in ones live in ``calibration/recip
 their stem (``--recipe w8a8``), any other path is read as is. A new scheme is a new file, not code.
 Fields (all checked on load, errors name the file and key):
 
-``name``, ``description``; ``components`` (default set calibrated from the pipeline); ``types``
+``name``, ``description``; ``components`` (default set calibrated from the pipeline: a list, or a
+mapping from component to its own scheme -- any of ``types``, ``weights``, ``inputs``, ``outputs``,
+``exclude``, ``overrides`` -- over the top-level one, as the SNPE flow quantizes the text encoders,
+UNet and VAE differently); ``methods``: the calibration methods to run, in order, each
+``{kind, components, ...settings}`` (:mod:`calibration.methods`); ``types``
 (module classes, default ``[Conv2d, Linear]``; ``MatMul`` adds the attention matmuls Q·Kᵀ and
 softmax·V, both inputs quantized by ``inputs``, see :mod:`quant.attention`); ``weights`` / ``inputs`` / ``outputs``: a quantizer
 ``{dtype, symmetric, axis, observer, reduce_range}`` or ``null`` (off); ``exclude``: module-name patterns kept in
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,9 @@ from quant.formats import get_format
 from .observers import make_observer
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-TOP_LEVEL_KEYS = {"name", "description", "components", "types", "weights", "inputs", "outputs", "exclude",
-                  "overrides", "calibration"}
+SCHEME_KEYS = {"types", "weights", "inputs", "outputs", "exclude", "overrides"}
+#: ``source`` is provenance (where a recipe came from), kept when a recorded recipe is loaded again
+TOP_LEVEL_KEYS = {"name", "description", "components", "methods", "calibration", "source"} | SCHEME_KEYS
 QUANTIZER_KEYS = {"dtype", "symmetric", "axis", "observer", "reduce_range"}
 SLOTS = ("weights", "inputs", "outputs")
 MODULE_TYPES = {"Conv2d": torch.nn.Conv2d, "Linear": torch.nn.Linear, "Conv1d": torch.nn.Conv1d, "MatMul": MatMul}
@@ -72,6 +77,10 @@ class QuantizerSpec:
             return replace(fmt, qmin=-64, qmax=64 if self.symmetric else 63)
         return replace(fmt, qmin=0, qmax=127)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "symmetric": self.symmetric, "axis": self.axis, "observer": dict(self.observer),
+                "reduce_range": self.reduce_range}
+
     def resolved_axis(self, module: torch.nn.Module, slot: str) -> int | None:
         """``axis: channel`` -> the layer's channel axis for activations; ints pass through."""
         if self.axis != "channel":
@@ -92,6 +101,18 @@ class LayerPlan:
     outputs: QuantizerSpec | None
 
 
+@dataclass(frozen=True)
+class MethodConfig:
+    """One entry of a recipe's ``methods:`` list: which method, on which components, with which settings."""
+
+    kind: str
+    components: tuple[str, ...]
+    settings: Any  # the method's Settings dataclass
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "components": list(self.components), **asdict(self.settings)}
+
+
 @dataclass
 class Recipe:
     name: str
@@ -105,11 +126,29 @@ class Recipe:
     overrides: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
     source: str = ""
-    raw: dict[str, Any] = field(default_factory=dict)
+    methods: tuple[MethodConfig, ...] = ()
+    #: per component, the scheme fields that component sets over the top-level ones (parsed)
+    component_schemes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def for_component(self, component: str) -> "Recipe":
+        """The recipe one component is calibrated with: its own scheme over the top level, its own methods."""
+        scheme = self.component_schemes.get(component, {})
+        return replace(self, **scheme, component_schemes={},
+                       methods=tuple(m for m in self.methods if component in m.components))
 
     def to_json(self) -> dict[str, Any]:
-        """The recipe as recorded in encodings headers (the file's content plus where it came from)."""
-        return {**self.raw, "name": self.name, "source": self.source}
+        """The recipe as run, built from its fields (so a recipe built in code records itself truly).
+
+        :func:`parse_recipe` reads it back to an equal recipe; encodings headers record it.
+        """
+        out: dict[str, Any] = {"name": self.name, "description": self.description, "source": self.source}
+        out["components"] = ({c: _scheme_json(self.component_schemes[c]) if c in self.component_schemes else None
+                              for c in self.components} if self.component_schemes else list(self.components))
+        out.update(_scheme_json({"types": self.types, "weights": self.weights, "inputs": self.inputs,
+                                 "outputs": self.outputs, "exclude": self.exclude, "overrides": self.overrides}))
+        out["methods"] = [m.to_json() for m in self.methods]
+        out["calibration"] = dict(self.calibration)
+        return out
 
     def plan(self, module: torch.nn.Module) -> tuple[list[LayerPlan], list[str]]:
         """Match the recipe against ``module``: quantized layers, and layers of a target type kept high precision."""
@@ -132,6 +171,19 @@ class Recipe:
                 continue
             plans.append(LayerPlan(name, sub, slots["weights"], slots["inputs"], slots["outputs"]))
         return plans, excluded
+
+
+def _scheme_json(scheme: dict[str, Any]) -> dict[str, Any]:
+    """Scheme fields (parsed) as recipe JSON."""
+    out: dict[str, Any] = {}
+    for key, value in scheme.items():
+        if key in SLOTS:
+            out[key] = value.to_json() if value is not None else None
+        elif key == "overrides":
+            out[key] = [{k: (v.to_json() if isinstance(v, QuantizerSpec) else v) for k, v in o.items()} for o in value]
+        else:
+            out[key] = list(value)
+    return out
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -173,6 +225,81 @@ def _quantizer(value: Any, where: str) -> QuantizerSpec | None:
     return QuantizerSpec(fmt.name, symmetric, axis, observer, reduce_range)
 
 
+def _scheme(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """The scheme keys present in ``data``, parsed (types, quantizers, exclude patterns, overrides)."""
+    scheme: dict[str, Any] = {}
+    if "types" in data:
+        types = tuple(data.get("types") or ("Conv2d", "Linear"))
+        bad = [t for t in types if t not in MODULE_TYPES]
+        if bad:
+            raise RecipeError(f"{where}: types: unknown {', '.join(bad)}; choose from {', '.join(MODULE_TYPES)}")
+        scheme["types"] = types
+    for slot in SLOTS:
+        if slot in data:
+            scheme[slot] = _quantizer(data[slot], f"{where}: {slot}")
+    if "exclude" in data:
+        scheme["exclude"] = tuple(data.get("exclude") or ())
+    if "overrides" in data:
+        overrides = []
+        for i, override in enumerate(data.get("overrides") or []):
+            here = f"{where}: overrides[{i}]"
+            if not isinstance(override, dict) or not override.get("match"):
+                raise RecipeError(f"{here}: needs a 'match' list of patterns")
+            extra = set(override) - {"match", *SLOTS}
+            if extra:
+                raise RecipeError(f"{here}: unknown key(s) {', '.join(sorted(extra))}")
+            match = override["match"]
+            parsed = {"match": [match] if isinstance(match, str) else list(match)}
+            for slot in SLOTS:
+                if slot in override:
+                    parsed[slot] = _quantizer(override[slot], f"{here}.{slot}")
+            overrides.append(parsed)
+        scheme["overrides"] = overrides
+    return scheme
+
+
+def _components(value: Any, source: str) -> tuple[tuple[str, ...], dict[str, dict[str, Any]]]:
+    """``components``: a list of names, or a mapping name -> that component's own scheme (or null)."""
+    if isinstance(value, dict):
+        names, schemes = tuple(value), {}
+        for name, own in value.items():
+            if own is None:
+                continue
+            if not isinstance(own, dict):
+                raise RecipeError(f"{source}: components.{name}: expected a mapping of scheme keys or null")
+            unknown = set(own) - SCHEME_KEYS
+            if unknown:
+                raise RecipeError(f"{source}: components.{name}: unknown key(s) {', '.join(sorted(unknown))}; "
+                                  f"a component sets {', '.join(sorted(SCHEME_KEYS))}")
+            schemes[name] = _scheme(own, f"{source}: components.{name}")
+    else:
+        names, schemes = tuple(value or ("unet",)), {}
+    bad = [c for c in names if c not in COMPONENTS]
+    if bad:
+        raise RecipeError(f"{source}: components: unknown {', '.join(bad)}; choose from {', '.join(COMPONENTS)}")
+    return names, schemes
+
+
+def _methods(value: Any, components: tuple[str, ...], source: str) -> tuple[MethodConfig, ...]:
+    from .methods import method_class, parse_settings
+
+    methods = []
+    for i, entry in enumerate(value or []):
+        where = f"{source}: methods[{i}]"
+        if not isinstance(entry, dict) or not entry.get("kind"):
+            raise RecipeError(f"{where}: a method is a mapping with a 'kind'")
+        cls = method_class(str(entry["kind"]))
+        targets = entry.get("components", list(components))
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        outside = [c for c in targets if c not in components]
+        if outside:
+            raise RecipeError(f"{where}: components {', '.join(outside)} are not calibrated by this recipe "
+                              f"({', '.join(components)})")
+        settings = parse_settings(cls, {k: v for k, v in entry.items() if k not in ("kind", "components")}, where)
+        methods.append(MethodConfig(cls.kind, targets, settings))
+    return tuple(methods)
+
+
 def parse_recipe(data: Any, source: str) -> Recipe:
     """Validate a recipe mapping; every error message starts with ``source`` and the key."""
     if not isinstance(data, dict):
@@ -182,34 +309,17 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         raise RecipeError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(TOP_LEVEL_KEYS))}")
     if not data.get("name"):
         raise RecipeError(f"{source}: missing 'name'")
-    components = tuple(data.get("components") or ("unet",))
-    bad = [c for c in components if c not in COMPONENTS]
-    if bad:
-        raise RecipeError(f"{source}: components: unknown {', '.join(bad)}; choose from {', '.join(COMPONENTS)}")
-    types = tuple(data.get("types") or ("Conv2d", "Linear"))
-    bad = [t for t in types if t not in MODULE_TYPES]
-    if bad:
-        raise RecipeError(f"{source}: types: unknown {', '.join(bad)}; choose from {', '.join(MODULE_TYPES)}")
-    overrides = []
-    for i, override in enumerate(data.get("overrides") or []):
-        where = f"{source}: overrides[{i}]"
-        if not isinstance(override, dict) or not override.get("match"):
-            raise RecipeError(f"{where}: needs a 'match' list of patterns")
-        extra = set(override) - {"match", *SLOTS}
-        if extra:
-            raise RecipeError(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
-        match = override["match"]
-        parsed = {"match": [match] if isinstance(match, str) else list(match)}
-        for slot in SLOTS:
-            if slot in override:
-                parsed[slot] = _quantizer(override[slot], f"{where}.{slot}")
-        overrides.append(parsed)
-    recipe = Recipe(str(data["name"]), str(data.get("description", "")), components, types,
-                    *(_quantizer(data.get(slot), f"{source}: {slot}") for slot in SLOTS),
-                    exclude=tuple(data.get("exclude") or ()), overrides=overrides,
-                    calibration=dict(data.get("calibration") or {}), source=source, raw=data)
-    if not any((recipe.weights, recipe.inputs, recipe.outputs)) and not overrides:
-        raise RecipeError(f"{source}: quantizes nothing (weights, inputs and outputs are all null)")
+    source = str(data.get("source") or source)
+    components, schemes = _components(data.get("components"), source)
+    recipe = Recipe(str(data["name"]), str(data.get("description", "")), components, source=source,
+                    calibration=dict(data.get("calibration") or {}), component_schemes=schemes,
+                    methods=_methods(data.get("methods"), components, source),
+                    **_scheme({k: data[k] for k in SCHEME_KEYS if k in data}, source))
+    for component in components:
+        own = recipe.for_component(component)
+        if not any((own.weights, own.inputs, own.outputs)) and not own.overrides:
+            where = source if component not in schemes else f"{source}: components.{component}"
+            raise RecipeError(f"{where}: quantizes nothing (weights, inputs and outputs are all null)")
     return recipe
 
 
@@ -242,7 +352,3 @@ def load_recipe(name_or_path: str | Path | Recipe | dict) -> Recipe:
         raise RecipeError(f"{path}: cannot parse: {exc}") from None
     source = path.stem if path.parent == RECIPE_DIR else str(path)
     return parse_recipe(data, source)
-
-
-def with_components(recipe: Recipe, components: tuple[str, ...]) -> Recipe:
-    return replace(recipe, components=components)

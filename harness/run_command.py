@@ -277,7 +277,9 @@ def calibrate_for_run(config: RunConfig, output: Path) -> dict[str, Any]:
                                         cache_dir=config.cache_dir, show_progress=progress_enabled(),
                                         **config.calibration)
     return {"recipe": config.recipe, "encodings": str(output), "quantizers": encodings.num_quantizers(),
-            "seconds": encodings.calibration.get("seconds"), "size": encodings.size.get("total"), **config.calibration}
+            "seconds": encodings.calibration.get("seconds"), "size": encodings.size.get("total"),
+            "mlperf_calibration_set": encodings.calibration.get("mlperf_calibration_set"),
+            "methods": encodings.methods, **config.calibration}
 
 
 def _call_in_child(name: str, function, *args) -> dict[str, Any]:

@@ -10,12 +10,14 @@ tree the submission checker reads (``tools/submission/submission_structure.md``)
         accuracy/mlperf_log_{summary,detail}.txt, mlperf_log_accuracy.json, accuracy.txt
         accuracy/images/<id>.png, captions.txt               with --ids-path (the round's sample ids)
       measurements/<system>/stable-diffusion-xl/<Scenario>/measurements.json, user.conf, README.md
+      documentation/calibration.md                            each run's recipe, calibration set and methods
       compliance/<system>/stable-diffusion-xl/<Scenario>/TEST01/verify_{accuracy,performance}.txt,
                                                           accuracy/, performance/run_1/
                                                         /TEST04/verify_performance.txt, performance/run_1/
 
 A closed-division submission refuses any run ``run.json`` marks not compliant (random weights, a
-subset of the captions, another latent, short settings...), and the verdicts of ``verify-compliance``
+subset of the captions, another latent, short settings...) or whose encodings were calibrated on
+other captions than MLPerf's whole calibration set or with a method that changes the sampler, and the verdicts of ``verify-compliance``
 are written, not assumed. What the harness cannot know (submitter details, accelerator, software
 stack) is left empty in ``systems/<system>.json`` and listed at the end.
 """
@@ -66,6 +68,54 @@ def _measurements(record: dict[str, Any]) -> dict[str, Any]:
             "weight_transformations": "quantization (post-training)" if quantized else "none"}
 
 
+def _calibration(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The quantization provenance of a run: its encodings file's recipe, calibration set and methods."""
+    path = (record.get("backend") or {}).get("encodings")
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise ValueError(f"the run's encodings {path} are gone: the submission documents its calibration")
+    data = json.loads(Path(path).read_text())
+    return {"encodings": path, "recipe": data.get("recipe") or {}, "calibration": data.get("calibration") or {},
+            "methods": data.get("methods") or []}
+
+
+def _closed_division_calibration_problems(calibration: dict[str, Any] | None) -> list[str]:
+    """MLPerf's closed division calibrates on its own calibration set and keeps the reference sampler."""
+    if calibration is None:
+        return []
+    problems = []
+    if not calibration["calibration"].get("mlperf_calibration_set"):
+        problems.append(f"calibrated on {calibration['calibration'].get('captions')}, not MLPerf's whole calibration "
+                        "set (prepare-dataset's calibration/captions.tsv of coco_cal_captions_list.txt)")
+    problems += [f"method {m['kind']} changes the sampler" for m in calibration["methods"] if m.get("changes_sampler")]
+    return problems
+
+
+def _calibration_doc(runs: dict[str, dict[str, Any] | None]) -> str:
+    """``documentation/calibration.md``: how each scenario's model was quantized, from its encodings."""
+    lines = [f"# Calibration ({BENCHMARK})", "", "Written by sdxl-ptq-bench from each run's encodings file.", ""]
+    for scenario, calibration in sorted(runs.items()):
+        lines += [f"## {scenario}", ""]
+        if calibration is None:
+            lines += ["Not quantized: no calibration.", ""]
+            continue
+        recipe, data = calibration["recipe"], calibration["calibration"]
+        lines += [f"- Encodings: `{calibration['encodings']}`",
+                  f"- Recipe: `{recipe.get('name')}` ({recipe.get('source')}): {recipe.get('description', '')}".rstrip(": "),
+                  f"- Calibration captions: {data.get('captions')} ({data.get('num_prompts')} prompts, sha256 "
+                  f"{data.get('captions_sha256')}); MLPerf's calibration set: "
+                  f"{'yes' if data.get('mlperf_calibration_set') else 'no'}",
+                  f"- Timesteps: {', '.join(str(t) for t in data.get('timesteps') or [])}"]
+        for m in calibration["methods"]:
+            lines.append(f"- Method `{m['kind']}` on {m.get('component')} ({m.get('phase')}), settings "
+                         f"{json.dumps(m.get('settings'))}, {m.get('seconds')} s")
+        if not calibration["methods"]:
+            lines.append("- Methods: none (ranges from the recipe's observers only)")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def _readme(record: dict[str, Any]) -> str:
     from .run_command import run_flags
 
@@ -112,10 +162,14 @@ def write_submission(runs: list[Path], audits: list[Path], output: Path, submitt
     if root.exists():
         raise ValueError(f"{root} exists: remove it or choose another --output")
     scenarios: dict[str, tuple[Path, dict[str, Any], list[Path], list[Path]]] = {}
+    calibrations: dict[str, dict[str, Any] | None] = {}
     for run_dir in runs:
         record = read_run(run_dir)
-        if division == "closed" and not record.get("compliant"):
-            raise ValueError(f"{run_dir} is not a closed-division run: {'; '.join(record.get('non_compliance_reasons', []))}"
+        problems = [] if record.get("compliant") else list(record.get("non_compliance_reasons", []))
+        calibration = _calibration(record)
+        problems += _closed_division_calibration_problems(calibration)
+        if division == "closed" and problems:
+            raise ValueError(f"{run_dir} is not a closed-division run: {'; '.join(problems)}"
                              " (--division open to submit it there)")
         scenario = record["scenario"]
         if scenario in scenarios:
@@ -124,6 +178,7 @@ def write_submission(runs: list[Path], audits: list[Path], output: Path, submitt
         acc = Path(completed_test(record, "accuracy", run_dir)["dir"])
         scenarios[scenario] = (run_dir, record, _required([perf / f for f in SUMMARY_FILES]),
                                _required([acc / f for f in (*SUMMARY_FILES, "mlperf_log_accuracy.json", "accuracy.txt")]))
+        calibrations[scenario] = calibration
     checked_audits: dict[str, tuple[Path, str, list[Path]]] = {}
     for audit_dir in audits:
         record = read_run(audit_dir)
@@ -171,6 +226,9 @@ def write_submission(runs: list[Path], audits: list[Path], output: Path, submitt
         for scenario in sorted(scenarios):
             todo += [f"{scenario}: {test} audit run (./run.sh run --audit-conf ...)" for test in TESTS
                      if f"{scenario}/{test}" not in verdicts]
+        (staging / "documentation").mkdir(parents=True, exist_ok=True)
+        (staging / "documentation" / "calibration.md").write_text(_calibration_doc(calibrations))
+        written.append("documentation/calibration.md")
         description = _system_description(next(iter(scenarios.values()))[1], division, submitter, system)
         (staging / "systems").mkdir(parents=True, exist_ok=True)
         (staging / "systems" / f"{system}.json").write_text(json.dumps(description, indent=1) + "\n")

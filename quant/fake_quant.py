@@ -1,18 +1,22 @@
-"""Fake quantization of PyTorch modules from encodings, and the torch backend's entry point.
+"""Encodings applied to PyTorch modules: fake quantization, methods' weight changes and pre-scales.
 
-Weights are q/dq'd once, in place (no second copy of a 10 GB UNet; the FP32 values come back from
+What a calibration method changed is applied first (:func:`load_weights_delta` writes the delta's
+parameters, adding a bias a layer lacked; :func:`install_pre_scales` multiplies inputs per channel);
+then weights are q/dq'd once, in place (no second copy of a 10 GB UNet; the FP32 values come back from
 the checkpoint or, for random profiles, from the seed). Activations get q/dq forward hooks -- module
 names stay exactly the ones in the encodings, which is what lets the ONNX Runtime backend map keys to
 graph tensors. Entries with ``timesteps`` ranges pick their encoding from the step that a pre-hook on
-the component's root reads from the UNet's ``timestep`` argument.
+the component's root reads from the UNet's ``timestep`` argument. Backends only load encodings
+(:func:`load_encodings_for`); calibrating them is ``calibration``'s work, done before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -82,6 +86,17 @@ def install_pre_scales(module: torch.nn.Module, pre_scales: Mapping[str, PreScal
         hook = input_pre_hook(slot.index, lambda m, x, pre=pre: x * pre.tensor(x))
         handles.append(slot.module.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
+
+
+@contextlib.contextmanager
+def pre_scaled(module: torch.nn.Module, pre_scales: Mapping[str, PreScale]) -> Iterator[None]:
+    """Within the block, ``module`` multiplies its inputs by ``pre_scales`` (the ONNX export traces them as ``Mul``)."""
+    handles = install_pre_scales(module, pre_scales)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def set_parameters(module: torch.nn.Module, values: Mapping[str, torch.Tensor], where: str) -> None:

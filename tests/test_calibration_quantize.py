@@ -42,7 +42,7 @@ def _loop(data):
     return forward_loop
 
 
-W8A8_ALL = {**load_recipe("w8a8").raw, "exclude": []}
+W8A8_ALL = {**load_recipe("w8a8").to_json(), "exclude": []}
 
 
 def test_builtin_recipes_load():
@@ -60,7 +60,7 @@ def test_builtin_recipes_load():
 ])
 def test_bad_recipes_name_the_key(patch, message):
     with pytest.raises(RecipeError, match=message):
-        load_recipe({**load_recipe("w8a8").raw, **patch})
+        load_recipe({**load_recipe("w8a8").to_json(), **patch})
 
 
 def test_exclude_patterns_match_whole_segments():

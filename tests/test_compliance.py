@@ -176,3 +176,42 @@ def test_test01_fallback_audits_both_image_sets_when_bytes_differ(runs, tmp_path
     baseline = json.loads((tmp_path / "out" / "accuracy" / "baseline" / "mlperf_log_accuracy.json").read_text())
     assert sorted(e["qsl_idx"] for e in baseline) == sorted({e["qsl_idx"] for e in entries})
     assert not result["passed"]
+
+
+def test_submission_documents_calibration_and_refuses_non_mlperf_calibration(runs, tmp_path, capsys):
+    """A quantized run's encodings provenance becomes documentation/calibration.md; the closed division
+    refuses captions other than MLPerf's calibration set and methods that change the sampler."""
+    import shutil
+
+    from harness.submission import _calibration, _closed_division_calibration_problems
+
+    run_dir, record, _, _ = runs
+    quantized = tmp_path / "quantized"
+    shutil.copytree(run_dir, quantized)
+    encodings = tmp_path / "enc.json"
+    methods = [{"kind": "weight_balance", "component": "unet", "phase": "pre_ranges", "settings": {"strength": 1.0},
+                "changes_sampler": False, "seconds": 0.1}]
+    encodings.write_text(json.dumps({"format": "sdxl-ptq-bench/encodings", "version": "1.1.0",
+                                     "recipe": {"name": "w8a8", "source": "w8a8"}, "methods": methods,
+                                     "calibration": {"captions": "builtin:tiny", "num_prompts": 16,
+                                                     "mlperf_calibration_set": False, "timesteps": [951, 1]}}))
+    data = json.loads((quantized / "run.json").read_text())
+    data["backend"]["encodings"] = str(encodings)
+    (quantized / "run.json").write_text(json.dumps(data))
+    calibration = _calibration(data)
+    assert _closed_division_calibration_problems(calibration) == [
+        "calibrated on builtin:tiny, not MLPerf's whole calibration set (prepare-dataset's calibration/captions.tsv "
+        "of coco_cal_captions_list.txt)"]
+    calibration["calibration"]["mlperf_calibration_set"] = True
+    calibration["methods"][0]["changes_sampler"] = True
+    assert _closed_division_calibration_problems(calibration) == ["method weight_balance changes the sampler"]
+    assert _closed_division_calibration_problems(_calibration(record)) == []  # not quantized: nothing to check
+
+    flags = ["submission", "--runs", str(quantized), "--submitter", "acme", "--system", "s", "--output",
+             str(tmp_path / "sub")]
+    assert main(flags) == 2
+    assert "not MLPerf's whole calibration set" in capsys.readouterr().err
+    main([*flags, "--division", "open"])
+    doc = (tmp_path / "sub" / "open" / "acme" / "documentation" / "calibration.md").read_text()
+    assert "Recipe: `w8a8`" in doc and "MLPerf's calibration set: no" in doc
+    assert 'Method `weight_balance` on unet (pre_ranges), settings {"strength": 1.0}' in doc

@@ -1,0 +1,236 @@
+"""The calibration-methods slot: phases, results as data (encodings 1.1), recipes that name methods.
+
+``weight_balance`` is the shipped example (exact in FP32); two test-only methods exercise the other
+two phases: one rescales weights after their encodings are computed (which must stay frozen), one
+adds a bias a layer lacks and changes an activation encoding after the ranges.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from calibration.methods import Method, MethodError, MethodResult, register_method
+from calibration.quantize import quantize
+from calibration.recipes import RecipeError, load_recipe
+from quant.encodings import Encoding, Encodings, tensor_key
+from quant.fake_quant import apply_encodings, install_pre_scales, load_weights_delta
+
+
+class Toy(torch.nn.Module):
+    """Two linears; the second has no bias and is called with its input as a keyword."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 4, bias=False)
+        with torch.no_grad():
+            self.fc1.weight[:, 3] *= 20  # one wide input column: the case balancing changes
+
+    def forward(self, x):
+        return self.fc2(input=torch.relu(self.fc1(x)))
+
+
+class Components:
+    def __init__(self, unet):
+        self.unet = unet
+
+
+DATA = [torch.randn(32, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+W8A8 = {"name": "toy-w8a8", "components": ["unet"],
+        "weights": {"dtype": "int8", "axis": None}, "inputs": {"dtype": "int8", "observer": "minmax"}}
+
+
+def loop(model):
+    for x in DATA:
+        model(x)
+
+
+@register_method
+class HalveWeights(Method):
+    """Test-only post_weight_ranges method: halves every weight after the weight encodings exist."""
+
+    kind = "test_halve_weights"
+    phase = "post_weight_ranges"
+
+    @dataclass(frozen=True)
+    class Settings:
+        factor: float = 0.5
+
+    def run(self, target):
+        assert all(parse.endswith(":weight[0]") for parse in target.entries)  # weight encodings only, so far
+        return MethodResult(weights={f"{p.name}.weight": p.module.weight * self.settings.factor for p in target.plans})
+
+
+@register_method
+class AddBias(Method):
+    """Test-only post_ranges method: gives fc2 a bias and widens fc2's input range twice."""
+
+    kind = "test_add_bias"
+    phase = "post_ranges"
+
+    @dataclass(frozen=True)
+    class Settings:
+        touch_weight_encoding: bool = False
+
+    def run(self, target):
+        key = tensor_key("fc2", "weight" if self.settings.touch_weight_encoding else "input")
+        old = target.entries[key]
+        wider = Encoding(old.dtype, old.bits, old.symmetric, old.axis, [2 * s for s in old.scale], old.offset, [], [])
+        return MethodResult(weights={"fc2.bias": torch.full((4,), 0.25)}, encodings={key: wider}, stats={"biases": 1})
+
+
+def test_weight_balance_is_exact_in_fp32_and_balances_columns():
+    model, reference = Toy().eval(), Toy().eval()
+    recipe = {**W8A8, "methods": [{"kind": "weight_balance", "strength": 1.0}]}
+    encodings = quantize(model, recipe, loop, component="unet", apply=False)
+    with torch.no_grad():
+        x = DATA[0]
+        assert torch.allclose(model(x), reference(x), rtol=1e-5, atol=1e-6)
+        column_absmax = model.fc1.weight.abs().amax(dim=0)
+        assert torch.allclose(column_absmax, column_absmax.mean().expand(8), rtol=1e-5)
+    assert set(encodings.pre_scales["unet"]) == {"fc1:input[0]", "fc2:input[0]"}
+    assert set(encodings.delta) == {"unet.fc1.weight", "unet.fc2.weight"}
+    record = encodings.methods[0]
+    assert (record["kind"], record["phase"], record["settings"], record["stats"]["layers"]) == \
+        ("weight_balance", "pre_ranges", {"strength": 1.0}, 2)
+
+
+def test_strength_zero_changes_nothing():
+    model = Toy().eval()
+    plain = quantize(Toy().eval(), W8A8, loop, component="unet", apply=False)
+    balanced = quantize(model, {**W8A8, "methods": [{"kind": "weight_balance", "strength": 0.0}]}, loop,
+                        component="unet", apply=False)
+    assert json.dumps(balanced.to_json()["components"]) == json.dumps(plain.to_json()["components"])
+
+
+def test_saved_encodings_reproduce_the_calibrated_model_on_a_fresh_one(tmp_path):
+    """Encodings 1.1 as the one hand-over: a fresh model + delta + pre-scales + quantizers == the calibrated one."""
+    recipe = {**W8A8, "methods": [{"kind": "weight_balance"}, {"kind": "test_add_bias"}]}
+    calibrated = Toy().eval()
+    encodings = quantize(calibrated, recipe, loop, component="unet", apply=True)
+    path = encodings.save(tmp_path / "enc.json")
+    data = json.loads(path.read_text())
+    assert data["version"] == "1.1.0" and data["weights_delta"] == "enc.delta.safetensors"
+    assert len(data["weights_delta_sha256"]) == 64 and "fc1:input[0]" in data["pre_scales"]["unet"]
+    assert [m["kind"] for m in data["methods"]] == ["weight_balance", "test_add_bias"]
+
+    fresh = Components(Toy().eval())
+    assert fresh.unet.fc2.bias is None
+    loaded = Encodings.load(path)
+    load_weights_delta(fresh, loaded, path)
+    assert torch.equal(fresh.unet.fc2.bias, torch.full((4,), 0.25))  # the bias the layer lacked is added
+    apply_encodings(fresh.unet, loaded.components["unet"], "unet", pre_scales=loaded.pre_scales["unet"])
+    with torch.no_grad():
+        assert torch.equal(fresh.unet(DATA[1]), calibrated(DATA[1]))
+
+
+def test_a_changed_delta_file_is_refused(tmp_path):
+    encodings = quantize(Toy().eval(), {**W8A8, "methods": [{"kind": "weight_balance"}]}, loop, component="unet",
+                         apply=False)
+    path = encodings.save(tmp_path / "enc.json")
+    other = quantize(Toy().eval(), {**W8A8, "methods": [{"kind": "weight_balance", "strength": 0.5}]}, loop,
+                     component="unet", apply=False)
+    other.save(tmp_path / "other.json")
+    (tmp_path / "other.delta.safetensors").replace(tmp_path / "enc.delta.safetensors")
+    with pytest.raises(ValueError, match="sha256"):
+        load_weights_delta(Components(Toy().eval()), Encodings.load(path), path)
+
+
+def test_weight_encodings_are_frozen_after_their_phase():
+    plain = quantize(Toy().eval(), W8A8, loop, component="unet", apply=False).components["unet"]
+    model = Toy().eval()
+    halved = quantize(model, {**W8A8, "methods": [{"kind": "test_halve_weights"}]}, loop, component="unet",
+                      apply=False)
+    entries = halved.components["unet"]
+    assert entries["fc1:weight[0]"].scale == plain["fc1:weight[0]"].scale  # not recomputed from halved weights
+    assert torch.equal(halved.delta["unet.fc1.weight"], Toy().fc1.weight * 0.5)
+    # activations were observed on the model as the method left it (halved weights)
+    with torch.no_grad():
+        amax = max(float(torch.relu(model.fc1(x)).abs().max()) for x in DATA)
+    assert entries["fc2:input[0]"].scale[0] == pytest.approx(amax / 127, rel=1e-6)
+    assert entries["fc2:input[0]"].scale[0] != pytest.approx(plain["fc2:input[0]"].scale[0], rel=1e-3)
+
+
+def test_a_method_may_not_change_what_its_phase_has_frozen():
+    with pytest.raises(MethodError, match="weight encodings are frozen"):
+        quantize(Toy().eval(), {**W8A8, "methods": [{"kind": "test_add_bias", "touch_weight_encoding": True}]},
+                 loop, component="unet")
+
+
+def test_post_ranges_results_land_in_the_encodings():
+    encodings = quantize(Toy().eval(), {**W8A8, "methods": [{"kind": "test_add_bias"}]}, loop, component="unet",
+                         apply=False)
+    plain = quantize(Toy().eval(), W8A8, loop, component="unet", apply=False)
+    assert encodings.components["unet"]["fc2:input[0]"].scale[0] == 2 * plain.components["unet"]["fc2:input[0]"].scale[0]
+    assert set(encodings.delta) == {"unet.fc2.bias"} and encodings.methods[0]["stats"] == {"biases": 1}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"kind": "nope"}, "unknown method kind 'nope'"),
+    ({"kind": "weight_balance", "alpha": 1}, "unknown setting.*alpha"),
+    ({"kind": "weight_balance", "strength": "high"}, "strength: expected float"),
+    ({"kind": "weight_balance", "strength": 2.0}, r"strength 2.0 is outside \[0, 1\]"),
+    ({"kind": "weight_balance", "components": ["vae"]}, "components vae are not calibrated by this recipe"),
+    ({"components": ["unet"]}, "a method is a mapping with a 'kind'"),
+])
+def test_bad_method_entries_are_errors_naming_the_entry(entry, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe({**W8A8, "methods": [entry]})
+
+
+def test_recipe_to_json_describes_the_recipe_as_run_and_reads_back():
+    recipe = load_recipe({**W8A8, "components": {"unet": None, "vae": {"weights": {"dtype": "uint8", "symmetric": False}}},
+                          "methods": [{"kind": "weight_balance", "components": "vae", "strength": 0.5}]})
+    recorded = recipe.to_json()
+    assert recorded["methods"] == [{"kind": "weight_balance", "components": ["vae"], "strength": 0.5}]
+    assert recorded["components"]["vae"]["weights"]["dtype"] == "uint8"
+    assert load_recipe(recorded).to_json() == recorded
+    vae = recipe.for_component("vae")
+    assert (vae.weights.dtype, vae.inputs.dtype, len(vae.methods)) == ("uint8", "int8", 1)
+    assert (recipe.for_component("unet").weights.dtype, recipe.for_component("unet").methods) == ("int8", ())
+
+
+def test_builtin_recipes_record_their_fields():
+    recipe = load_recipe("w8a8")
+    recorded = recipe.to_json()
+    assert recorded["source"] == "w8a8" and recorded["weights"]["dtype"] == "int8"
+    assert load_recipe(recorded).to_json() == recorded
+
+
+def test_a_keyword_call_is_calibrated_and_fake_quantized_like_a_positional_one():
+    """fc2 is called as ``fc2(input=...)``: its input quantizer must see that call, in both places."""
+    model = Toy().eval()
+    encodings = quantize(model, W8A8, loop, component="unet", apply=True)
+    assert "fc2:input[0]" in encodings.components["unet"]
+    with torch.no_grad():
+        hidden = torch.relu(model.fc1(DATA[0]))
+        positional = model.fc2(hidden)
+        assert torch.equal(model.fc2(input=hidden), positional)
+        assert not torch.equal(positional, torch.nn.functional.linear(hidden, model.fc2.weight))  # it is quantized
+
+
+def test_pre_scales_must_fit_the_layer():
+    from quant.encodings import EncodingsError, PreScale
+
+    with pytest.raises(EncodingsError, match="3 factors on axis -1 do not fit 'fc1'"):
+        install_pre_scales(Toy(), {"fc1:input[0]": PreScale(-1, [1.0, 2.0, 3.0])})
+
+
+def test_encodings_1_0_files_still_load(tmp_path):
+    data = quantize(Toy().eval(), W8A8, loop, component="unet", apply=False).to_json()
+    for key in ("methods", "weights_delta_sha256", "pre_scales"):
+        data.pop(key)
+    data["version"] = "1.0.0"
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    loaded = Encodings.load(path)
+    assert loaded.methods == [] and loaded.pre_scales == {} and len(loaded.components["unet"]) == 4
+    data["version"] = "2.0.0"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="encodings version 2.0.0"):
+        Encodings.load(path)
