@@ -57,10 +57,11 @@ def mark(x: torch.Tensor, key: str) -> torch.Tensor:
 
 def _weight_forward(module: torch.nn.Module, key: str):
     """A ``forward`` for Conv/Linear that marks the weight where the op consumes it."""
+    # the parameter keeps torch's name, ``input``: a caller may pass it by keyword
     if isinstance(module, torch.nn.Linear):
-        return lambda x: F.linear(x, mark(module.weight, key), module.bias)
+        return lambda input: F.linear(input, mark(module.weight, key), module.bias)
     if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
-        return lambda x: module._conv_forward(x, mark(module.weight, key), module.bias)
+        return lambda input: module._conv_forward(input, mark(module.weight, key), module.bias)
     raise ValueError(f"weight marks support Conv1d/Conv2d/Linear, not {type(module).__name__} ({key})")
 
 

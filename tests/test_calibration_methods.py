@@ -234,3 +234,36 @@ def test_encodings_1_0_files_still_load(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="encodings version 2.0.0"):
         Encodings.load(path)
+
+
+def test_the_onnx_export_runs_pre_scales_and_marks_keyword_inputs(tmp_path):
+    """A method's pre-scales become Mul nodes before the input Q/DQ, and fc2's keyword-passed input is
+    marked: ONNX Runtime then runs what fake quantization simulates."""
+    import onnx
+
+    from backends.onnx_export import GraphSignature, export_onnx, save_model
+    from backends.ort_backend import create_session, run_bound
+    from backends.qdq import apply_marks, check_no_marks
+    from quant.fake_quant import pre_scaled
+    from quant.quantizers import sqnr_db
+
+    recipe = {**W8A8, "methods": [{"kind": "weight_balance"}]}
+    exported = Toy().eval()
+    encodings = quantize(exported, recipe, loop, component="unet", apply=False)
+    fresh = Components(Toy().eval())  # the backends' path: a fresh model, the delta loaded, no hooks
+    path = encodings.save(tmp_path / "enc.json")
+    load_weights_delta(fresh, Encodings.load(path), path)
+    entries, pre_scales = encodings.components["unet"], encodings.pre_scales["unet"]
+    signature = GraphSignature(("x",), ("y",), (DATA[0],), {"x": {0: "batch"}, "y": {0: "batch"}})
+    with pre_scaled(fresh.unet, pre_scales):
+        marked = export_onnx(fresh.unet, signature, tmp_path / "toy.marked.onnx", marks=entries.keys())
+    model = onnx.load(str(marked))
+    result = apply_marks(model, entries)
+    check_no_marks(model)
+    assert result.activations == 2 and result.weights == 2  # fc2's input, passed by keyword, is marked too
+    assert sum(node.op_type == "Mul" for node in model.graph.node) == 2
+    session = create_session(save_model(model, tmp_path / "toy.onnx"))
+    apply_encodings(fresh.unet, entries, "unet", pre_scales=pre_scales)
+    with torch.no_grad():
+        expected = fresh.unet(DATA[2])
+    assert sqnr_db(expected, run_bound(session, {"x": DATA[2]}, "y", expected.shape)) > 60
