@@ -1,6 +1,6 @@
 """Model profiles: where the SDXL components come from.
 
-A profile is data (``harness/data/profiles/*.json``), not a code path: ``tiny`` and ``sdxl-random``
+A profile is data (``sdxl/data/profiles/*.json``), not a code path: ``tiny`` and ``sdxl-random``
 are SDXL architectures with seeded random weights, built without a download; ``sdxl`` loads real
 weights from a local directory (diffusers layout, or MLPerf's reference layout). Everything after
 loading -- backends, pipeline, calibration -- sees the same :class:`ModelComponents`.
