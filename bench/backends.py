@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 OUT_DIR = ROOT / "results" / "bench"
 
 from backends.onnx_export import unet_signature  # noqa: E402
-from backends.ort_backend import build_unet_model, create_session, run_bound  # noqa: E402
+from backends.ort_backend import create_session, run_bound  # noqa: E402
+from backends.qdq_model import build_unet_model  # noqa: E402
 from bench.calibration import sdxl_width_slice  # noqa: E402
 from calibration.quantize import quantize  # noqa: E402
 from quant.fake_quant import apply_encodings  # noqa: E402
