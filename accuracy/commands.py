@@ -63,6 +63,9 @@ def register(subparsers) -> None:
     source = stats.add_mutually_exclusive_group(required=True)
     source.add_argument("--log", help="mlperf_log_accuracy.json (image size from its run.json, else 1024)")
     source.add_argument("--images", help="directory of image files (e.g. COCO val2014 images)")
+    source.add_argument("--testbed-scenes", metavar="CAPTIONS_TSV", nargs="?", const="default",
+                        help="testbed-FID statistics: the real scenes of a testbed captions TSV (default: the "
+                             "validation set), in the testbed scorer's 64 features")
     stats.add_argument("--output", required=True, help="npz file to write (keys mu, sigma)")
     add_weight_arguments(stats)
     stats.set_defaults(func=run_fid_stats)
@@ -110,6 +113,8 @@ def run_fid_stats(args: argparse.Namespace) -> int:
     from .fid_stats import fid_stats
     from .weights import WeightsUnavailable
 
+    if args.testbed_scenes:
+        return _testbed_fid_stats(args)
     try:
         options = audit_options(args)
         evaluators = build_evaluators(fid=True, clip=False, random_weights=options.random_weights,
@@ -121,6 +126,26 @@ def run_fid_stats(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: mu/sigma of {gaussian.count} images")
     if options.random_weights:
         print(f"!!! {RANDOM_WEIGHTS_WARNING} !!!")
+    return 0
+
+
+def _testbed_fid_stats(args: argparse.Namespace) -> int:
+    from sdxl.dataset import DatasetError, load_captions
+    from sdxl.models import profile_default
+    from testbed.scorer import load_scorer
+
+    from .fid import save_statistics
+    from .testbed_metrics import gaussian_of, real_scenes
+
+    path = profile_default("testbed", "default_captions") if args.testbed_scenes == "default" else args.testbed_scenes
+    try:
+        frame = load_captions(path).frame
+        images = real_scenes(frame["caption"].tolist(), frame["id"].tolist())
+    except (DatasetError, ValueError) as exc:
+        raise _user_error(exc) from None
+    gaussian = gaussian_of(load_scorer().image_features(images))
+    save_statistics(args.output, gaussian)
+    print(f"wrote {args.output}: testbed-FID mu/sigma of the real scenes of {gaussian.count} captions ({path})")
     return 0
 
 

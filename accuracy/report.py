@@ -98,6 +98,8 @@ def audit_log(log_path: str | Path, *, dataset_path: str | Path | None = None, o
         raise FileNotFoundError(f"accuracy log {log_path} not found")
     run_info = load_run_info(log_path)
     image_size = run_info.image_size
+    if run_info.data.get("profile") == "testbed":
+        return _audit_testbed(log_path, run_info, dataset_path, options, output_dir)
     statistics, fid_note, statistics_desc = _load_statistics(options)
     captions, dataset_desc, caption_note = load_caption_list(dataset_path, run_info, options)
     if evaluators is None:
@@ -163,6 +165,33 @@ def audit_log(log_path: str | Path, *, dataset_path: str | Path | None = None, o
     return result
 
 
+def _audit_testbed(log_path: Path, run_info, dataset_path, options: AuditOptions, output_dir) -> dict[str, Any]:
+    """A testbed run's ``accuracy.json``: the testbed metrics, MLPerf's FID/CLIP N/A, no verdict."""
+    from .testbed_metrics import NOT_MLPERF, audit_testbed_log
+
+    path = dataset_path or run_info.dataset.get("path")
+    if path is None:
+        raise DatasetError("no --dataset-path and no run.json naming the captions file (the testbed metrics need "
+                           "each image's caption)")
+    captions = load_captions(path)
+    metrics = audit_testbed_log(log_path, captions.frame, run_info.image_size, options.statistics_path,
+                                None if output_dir is None else Path(output_dir))
+    stats = metrics.pop("log_stats")
+    result: dict[str, Any] = {
+        "accuracy_json_version": ACCURACY_JSON_VERSION, "profile": "testbed", **metrics,
+        "fid": None, "clip_score": None, "fid_note": NOT_MLPERF, "clip_score_note": NOT_MLPERF,
+        "image_size": run_info.image_size, "verdict": "N/A", "verdict_reason": NOT_MLPERF, "comparable": False,
+        "not_comparable_reasons": [NOT_MLPERF], "random_weights": False, "model_random_weights": False,
+        "statistics": {"path": options.statistics_path} if options.statistics_path else None,
+        "log": {"path": str(log_path.resolve()), "sha256": stats.sha256, "bytes": stats.bytes},
+        "dataset": captions.describe(), "run": run_info.describe(),
+        "mlperf_results_line": mlperf_results_line(None, None),
+    }
+    if output_dir is not None:
+        write_accuracy_outputs(result, Path(output_dir))
+    return result
+
+
 def write_accuracy_outputs(result: dict[str, Any], output_dir: Path) -> None:
     """``accuracy.json`` and the checker's ``accuracy.txt`` (results line + ``hash=``)."""
     from sdxl.io import write_json_atomic
@@ -177,6 +206,11 @@ def write_accuracy_outputs(result: dict[str, Any], output_dir: Path) -> None:
 def format_accuracy_report(result: dict[str, Any]) -> str:
     """The printed table: metric, value, window, in-window; then verdict, caveats and the MLPerf line."""
     from sdxl.io import format_table
+
+    if result.get("profile") == "testbed":
+        from .testbed_metrics import format_testbed_report
+
+        return format_testbed_report(result)
 
     def fmt(value):
         return "N/A" if value is None else f"{value:.4f}"
@@ -230,9 +264,12 @@ def evaluate_run(run_dir: str | Path, *, statistics_path: str | None = None, ref
                            batch_size=batch_size, missing="na")
     row: dict[str, Any] = {"run_dir": str(run_dir)}
     try:
-        evaluators = build_evaluators(fid=statistics_path is not None or reference_run is not None, clip=True,
-                                      random_weights=random_weights, inception_weights=inception_weights,
-                                      clip_weights=clip_weights, device=device, missing="na")
+        if load_run_info(log_path).data.get("profile") == "testbed":  # MLPerf's networks do not apply
+            evaluators = Evaluators(fid_note="testbed run: see its testbed-FID", clip_note="testbed run: see its testbed-CLIP")
+        else:
+            evaluators = build_evaluators(fid=statistics_path is not None or reference_run is not None, clip=True,
+                                          random_weights=random_weights, inception_weights=inception_weights,
+                                          clip_weights=clip_weights, device=device, missing="na")
         result = audit_log(log_path, dataset_path=dataset_path, output_dir=run_dir / "accuracy", options=options,
                            evaluators=evaluators)
     except INPUT_ERRORS as exc:
@@ -241,6 +278,11 @@ def evaluate_run(run_dir: str | Path, *, statistics_path: str | None = None, ref
             print(f"error: {row['error']}", file=stream)
         return row
     row.update({key: result[key] for key in ("fid", "clip_score", "n_images", "verdict", "verdict_reason", "comparable")})
+    for key in ("testbed_clip", "testbed_fid"):
+        if key in result:
+            row[key] = result[key]
+    if "caption_accuracy" in result:
+        row["caption_accuracy"] = result["caption_accuracy"]["overall"]["all"]
     row["accuracy_json"] = str(run_dir / "accuracy" / "accuracy.json")
     if stream is not None:
         print(format_accuracy_report(result), file=stream)

@@ -1,16 +1,19 @@
-"""Parity benchmark (issue 6): how close ONNX Runtime's QDQ model comes to torch fake-quant, and how close it can.
+"""Parity benchmark (issues 6, 13): how close ONNX Runtime's QDQ model comes to torch fake-quant, and how close it can.
 
-    .venv/bin/python bench/parity.py
+    .venv/bin/python bench/parity.py [--profile tiny|testbed] [--recipes w8a8,w8a8-qlinear,w8a16] [--prompts 8]
 
-On tiny, for A8W8 (``w8a8-mha``) and A16W8 (``w8a16``), encodings calibrated as the tests do (two
-random CFG batches):
+On ``tiny`` (random weights), encodings calibrated as the tests do (two random CFG batches), the UNet
+fed the pipeline's example inputs; on ``testbed`` (trained weights), encodings from ``calibrate`` on
+the testbed's calibration captions (8 prompts, all steps) and the UNet fed a real CFG batch (the
+first validation caption at step 10). For each recipe:
 
 * UNet-output SQNR of ORT vs fake-quant, fake-quant vs FP32 and ORT vs FP32, with ORT's
   ``MatMulNBits`` computing in fp32 (the backend's setting) and at ORT's default level 4, which
   quantizes activations to int8 on the fly;
 * the floor: fake-quant against itself with every Conv/Linear output moved one ulp
   (:func:`calibration.sqnr.one_ulp_nudge`), next to what the nudge and ORT each do to the FP32 UNet;
-* end to end: one built-in caption, 20 steps, PSNR of ORT's image against fake-quant's and FP32's.
+* end to end: ``--prompts`` captions (tiny: one built-in caption), 20 steps, mean PSNR of ORT's images
+  against fake-quant's and FP32's.
 
 The issue's bounds: ORT~fake-quant at least 10 dB above the quantization error (UNet), 6 dB (PSNR).
 Prints a table and writes JSON under ``results/bench/`` with the CPU model and ISA.
@@ -36,26 +39,38 @@ from backends import BackendOptions, create_backend  # noqa: E402
 from backends.onnx_export import unet_signature  # noqa: E402
 from backends.ort_backend import create_session  # noqa: E402
 from bench.backends import calibrate_unet  # noqa: E402
+from calibration.commands import calibrate_to_file  # noqa: E402
 from calibration.sqnr import one_ulp_nudge  # noqa: E402
 from quant.quantizers import sqnr_db  # noqa: E402
 from sdxl.io import format_table, write_json_atomic  # noqa: E402
 from sdxl.system_info import isa_summary, system_description  # noqa: E402
 
-RECIPES = {"A8W8": "w8a8-mha", "A16W8": "w8a16"}
+DEFAULT_RECIPES = {"tiny": "w8a8-mha,w8a16", "testbed": "w8a8,w8a8-qlinear,w8a16"}
 
 
 def main() -> int:
+    import argparse
+
     from sdxl.dataset import load_captions
     from sdxl.latents import draw_latent
-    from sdxl.models import load_tokenizers, model_spec
+    from sdxl.models import load_tokenizers, model_spec, profile_default
     from sdxl.pipeline import SDXLPipeline
     from sdxl.tokenizers import tokenize
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="tiny", choices=sorted(DEFAULT_RECIPES))
+    parser.add_argument("--recipes", help="comma-separated (default: tiny w8a8-mha,w8a16; testbed w8a8,w8a8-qlinear,w8a16)")
+    parser.add_argument("--prompts", type=int, default=8, help="captions for the end-to-end PSNR (testbed)")
+    opts = parser.parse_args()
+    recipes = (opts.recipes or DEFAULT_RECIPES[opts.profile]).split(",")
+    trained = opts.profile != "tiny"
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    spec = model_spec("tiny")
+    spec = model_spec(opts.profile)
     tokenizers = load_tokenizers(spec)
-    prompt = load_captions(None).captions[0]  # what the tests' one-image LoadGen runs generate
-    ids = [tokenize(t, [prompt]) for t in tokenizers]
+    # tiny: the caption the tests' one-image LoadGen runs generate; testbed: the first validation captions
+    prompts = (load_captions(profile_default(opts.profile, "default_captions")).captions[:opts.prompts] if trained
+               else load_captions(None).captions[:1])
+    ids = [tokenize(t, prompts) for t in tokenizers]
     latent = draw_latent(spec.latent_size)
     work = Path(tempfile.mkdtemp(prefix="parity-"))
 
@@ -64,25 +79,32 @@ def main() -> int:
                                  extra={"cache_dir": str(work / "cache")})
         return create_backend(name, spec, options)
 
-    def image(b) -> np.ndarray:
-        return SDXLPipeline(b, spec, tokenizers).generate(*ids, latent)[0]
+    def images(b) -> np.ndarray:
+        return SDXLPipeline(b, spec, tokenizers).generate(*ids, latent)
+
+    def mean_psnr(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.mean([psnr_ssim(x, y)[0] for x, y in zip(a, b)]))
 
     fp32 = backend("torch")
-    sig = unet_signature(fp32.unet, batch=2)
-    sample, timestep, states, text_embeds, time_ids = sig.example_inputs
-    args = (sample, timestep[0], states, text_embeds, time_ids)
+    args = real_unet_input(SDXLPipeline(fp32, spec, tokenizers), ids, latent) if trained else \
+        _example_args(unet_signature(fp32.unet, batch=2).example_inputs)
     with torch.no_grad():
         fp32_out = fp32.predict_noise(*args)
         with one_ulp_nudge(fp32.unet):
             fp32_nudged = fp32.predict_noise(*args)
     fp32_row = {"ort_vs_torch_db": sqnr_db(fp32_out, backend("ort").predict_noise(*args)),
                 "one_ulp_nudge_db": sqnr_db(fp32_out, fp32_nudged)}
-    fp32_image = image(fp32)
+    fp32_images = images(fp32)
 
     rows = {}
-    for scheme, recipe in RECIPES.items():
-        encodings = calibrate_unet(copy.deepcopy(fp32.unet), recipe, args, scales=(1.0, 0.5))  # as the tests
-        path = encodings.save(work / f"{recipe}.json")
+    for recipe in recipes:
+        if trained:
+            path = work / f"{recipe}.json"
+            calibrate_to_file(opts.profile, None, recipe, path, num_prompts=8, cache_dir=str(work / "cache"),
+                              sqnr_samples=0, show_progress=False)
+        else:
+            encodings = calibrate_unet(copy.deepcopy(fp32.unet), recipe, args, scales=(1.0, 0.5))  # as the tests
+            path = encodings.save(work / f"{recipe}.json")
         fake_quant, ort = backend("torch", path), backend("ort", path)
         with torch.no_grad():
             simulated = fake_quant.predict_noise(*args)
@@ -91,29 +113,53 @@ def main() -> int:
         out = ort.predict_noise(*args)
         row = {"recipe": recipe, "ort_vs_fq_db": sqnr_db(simulated, out), "fq_vs_fp32_db": sqnr_db(fp32_out, simulated),
                "ort_vs_fp32_db": sqnr_db(fp32_out, out), "one_ulp_floor_db": floor}
-        ort_image, fq_image = image(ort), image(fake_quant)
-        row["e2e_psnr_ort_vs_fq_db"] = psnr_ssim(ort_image, fq_image)[0]
-        row["e2e_psnr_ort_vs_fp32_db"] = psnr_ssim(ort_image, fp32_image)[0]
+        ort_images, fq_images = images(ort), images(fake_quant)
+        row["e2e_psnr_ort_vs_fq_db"] = mean_psnr(ort_images, fq_images)
+        row["e2e_psnr_ort_vs_fp32_db"] = mean_psnr(ort_images, fp32_images)
+        row["e2e_psnr_fq_vs_fp32_db"] = mean_psnr(fq_images, fp32_images)
         ort.session = create_session(ort.model_path, threads=torch.get_num_threads(), matmul_nbits_accuracy_level=4)
         row["ort_vs_fq_db_ort_default_level"] = sqnr_db(simulated, ort.predict_noise(*args))
-        rows[scheme] = row
+        rows[recipe] = row
 
     print(f"CPU: {system_description()['cpu_model']} ({isa_summary()}), torch threads {torch.get_num_threads()}\n")
-    print("tiny UNet, one CFG call: output SQNR (dB); end to end: PSNR of one 20-step image (dB)")
+    print(f"{opts.profile} UNet, one CFG call: output SQNR (dB); end to end: mean PSNR of {len(prompts)} 20-step "
+          "image(s) (dB)")
     print(format_table(
-        ["scheme", "ORT~fq", "fq~FP32", "ORT~FP32", "one-ulp floor", "ORT~fq, ORT's default level",
-         "e2e ORT~fq", "e2e ORT~FP32"],
-        [[f"{scheme} ({r['recipe']})"] + [f"{r[k]:.1f}" for k in (
+        ["recipe", "ORT~fq", "fq~FP32", "ORT~FP32", "one-ulp floor", "ORT~fq, ORT's default level",
+         "e2e ORT~fq", "e2e ORT~FP32", "e2e fq~FP32"],
+        [[recipe] + [f"{r[k]:.1f}" for k in (
             "ort_vs_fq_db", "fq_vs_fp32_db", "ort_vs_fp32_db", "one_ulp_floor_db", "ort_vs_fq_db_ort_default_level",
-            "e2e_psnr_ort_vs_fq_db", "e2e_psnr_ort_vs_fp32_db")] for scheme, r in rows.items()]))
+            "e2e_psnr_ort_vs_fq_db", "e2e_psnr_ort_vs_fp32_db", "e2e_psnr_fq_vs_fp32_db")] for recipe, r in rows.items()]))
     print(f"FP32 UNet: ORT~torch {fp32_row['ort_vs_torch_db']:.1f} dB; torch~torch with the one-ulp nudge "
           f"{fp32_row['one_ulp_nudge_db']:.1f} dB")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"parity-{stamp}.json"
-    write_json_atomic(path, {"benchmark": "parity", "system": system_description(), "prompt": prompt,
-                             "schemes": rows, "fp32": fp32_row})
+    path = OUT_DIR / f"parity-{opts.profile}-{stamp}.json"
+    write_json_atomic(path, {"benchmark": "parity", "profile": opts.profile, "system": system_description(),
+                             "prompts": prompts, "recipes": rows, "fp32": fp32_row})
     print(f"\nwritten {path}")
     return 0
+
+
+def _example_args(inputs: tuple) -> tuple:
+    sample, timestep, states, text_embeds, time_ids = inputs
+    return sample, timestep[0], states, text_embeds, time_ids
+
+
+def real_unet_input(pipeline, ids, latent, step: int = 10) -> tuple:
+    """The UNet's CFG batch for the first prompt at ``step`` of the real 20-step loop."""
+    captured = {}
+
+    def keep(s, t, latent_input, conditioning):
+        if s == step:
+            n = latent_input.shape[0] // 2
+            rows = [0, n]  # the first prompt's unconditional and conditional rows
+            captured["args"] = (latent_input[rows].clone(), t, conditioning["prompt_embeds"][rows].clone(),
+                                conditioning["text_embeds"][rows].clone(), conditioning["time_ids"][rows].clone())
+
+    with torch.inference_mode():
+        conditioning = pipeline.conditioning(*[i[:1] for i in ids])
+        pipeline.denoise(latent, conditioning, 1, step_callback=keep, max_steps=step + 1)
+    return captured["args"]
 
 
 if __name__ == "__main__":

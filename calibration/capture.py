@@ -76,9 +76,13 @@ def read_calibration_captions(path: str | Path | None, profile: str, num_prompts
 
     ``path`` is MLPerf's calibration captions (``coco_cal_captions_list.txt``, one per line, or a TSV
     with a ``caption`` column as ``prepare-dataset`` writes it). A COCO *val2014* TSV -- the set the
-    benchmark scores on -- is refused: calibrating on the test set would inflate accuracy. ``tiny``
-    without a path uses the harness's built-in captions.
+    benchmark scores on -- is refused: calibrating on the test set would inflate accuracy. Without a
+    path, a profile's own calibration set (the testbed's) or, for ``tiny``, the built-in captions.
     """
+    if path is None:
+        from sdxl.models import profile_default
+
+        path = profile_default(profile, "default_calibration_captions")
     if path is None:
         if profile != "tiny":
             raise CalibrationDataError(f"profile {profile} needs --calibration-captions (MLPerf's 500 COCO train2014 "

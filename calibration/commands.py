@@ -15,14 +15,15 @@ def register(subparsers) -> None:
         "calibrate", help="calibrate a quantization recipe and write encodings",
         description="Run the FP32 pipeline over calibration captions, calibrate RECIPE on the captured activations, "
                     "and write the encodings JSON, its AIMET 1.0.0 export and a per-layer SQNR report beside it.")
-    parser.add_argument("--profile", default="tiny", help="model profile: tiny, sdxl-random or sdxl (default tiny)")
+    parser.add_argument("--profile", default="testbed",
+                        help="model profile: testbed, tiny, sdxl-random or sdxl (default testbed)")
     parser.add_argument("--model-path", help="SDXL checkpoint directory (profile sdxl)")
     from .recipes import builtin_recipes
 
     parser.add_argument("--recipe", required=True,
                         help=f"built-in recipe name ({', '.join(builtin_recipes())}) or a recipe file")
     parser.add_argument("--calibration-captions", help="calibration captions (MLPerf's train2014 list or TSV); "
-                                                       "tiny defaults to its built-in captions")
+                                                       "testbed and tiny default to their own")
     parser.add_argument("--num-prompts", type=int, help="use the first N captions")
     parser.add_argument("--timesteps", help="all | single | uniform:K | list:951,901,... (default: the recipe's, else all)")
     parser.add_argument("--output", required=True, help="encodings JSON file to write")

@@ -16,8 +16,8 @@ import sys
 
 from sdxl.errors import UserError
 
-COMMAND_MODULES = ("harness.run_command", "harness.compliance", "harness.submission", "calibration.commands",
-                   "accuracy.commands")
+COMMAND_MODULES = ("harness.run_command", "harness.compliance", "harness.submission", "harness.study",
+                   "testbed.commands", "calibration.commands", "accuracy.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:

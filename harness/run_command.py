@@ -37,9 +37,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from sdxl.backend import DTYPES
     from sdxl.models import PROFILES
 
-    parser.add_argument("--profile", default="tiny", choices=PROFILES,
-                        help="tiny: embedded SDXL-architecture model with random weights (default); sdxl: real "
-                             "weights from --model-path; sdxl-random: full-size architecture, random weights")
+    parser.add_argument("--profile", default="testbed", choices=PROFILES,
+                        help="testbed: small SDXL-architecture model trained on generated scenes, weights shipped "
+                             "(default); tiny: the same architecture with random weights (harness checks); sdxl: "
+                             "real weights from --model-path; sdxl-random: full-size architecture, random weights")
     parser.add_argument("--model-path", help="SDXL checkpoint directory (diffusers or MLPerf reference layout)")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -174,12 +175,14 @@ def execute_run(config: RunConfig) -> RunRecord:
     from sdxl.dataset import load_captions
     from sdxl.errors import UserError
     from sdxl.latents import resolve_latent, save_latent
-    from sdxl.models import model_spec
+    from sdxl.models import model_spec, profile_default
 
     from .loadgen_settings import user_conf_keys
 
     config.backend = canonical_backend_name(config.backend)
     spec = model_spec(config.profile, config.model_path)
+    if config.dataset_path is None and (default := profile_default(config.profile, "default_captions")) is not None:
+        config.dataset_path = str(default)  # the profile's own validation set (the testbed's); run.json records it
     captions = load_captions(config.dataset_path, config.max_samples)
     try:
         latent = resolve_latent(spec.latent_size, config.latents, config.dataset_path)

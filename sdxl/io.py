@@ -23,7 +23,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
+def format_table(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    """A plain-text table with aligned columns, or (``markdown``) a GitHub pipe table."""
+    if markdown:
+        pipe = lambda cells: "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"  # noqa: E731
+        return "\n".join([pipe(header), pipe(["---"] * len(header))] + [pipe(r) for r in rows])
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

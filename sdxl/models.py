@@ -1,8 +1,10 @@
 """Model profiles: where the SDXL components come from.
 
 A profile is data (``sdxl/data/profiles/*.json``), not a code path: ``tiny`` and ``sdxl-random``
-are SDXL architectures with seeded random weights, built without a download; ``sdxl`` loads real
-weights from a local directory (diffusers layout, or MLPerf's reference layout). Everything after
+are SDXL architectures with seeded random weights, built without a download; ``testbed`` is tiny's
+architecture with trained weights that ship in git (``sdxl/data/profiles/testbed/``, sha256 in the
+profile); ``sdxl`` loads real weights from a local directory (diffusers layout, or MLPerf's reference
+layout). Everything after
 loading -- backends, pipeline, calibration -- sees the same :class:`ModelComponents`.
 """
 
@@ -22,7 +24,8 @@ from .tokenizers import build_sdxl_tokenizers
 
 PROFILE_DIR = Path(__file__).parent / "data" / "profiles"
 RANDOM_PROFILES = ("tiny", "sdxl-random")
-PROFILES = RANDOM_PROFILES + ("sdxl",)
+SHIPPED_PROFILES = ("testbed",)
+PROFILES = ("testbed",) + RANDOM_PROFILES + ("sdxl",)
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae")
 
 HOW_TO_GET_SDXL = (
@@ -31,6 +34,10 @@ HOW_TO_GET_SDXL = (
     "or MLPerf's `stable_diffusion_fp32` checkpoint (text_to_image README of mlcommons/inference), "
     "and pass its directory as --model-path"
 )
+
+
+HOW_TO_GET_TESTBED = ("the testbed's weights ship with the repository: restore them with "
+                      "`git checkout -- sdxl/data/profiles/testbed`, or retrain them with `./run.sh train-testbed`")
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -48,6 +55,8 @@ class ModelSpec:
     description: str
     model_path: Path | None = None
     profile_config: dict[str, Any] = field(default_factory=dict)
+    #: weights shipped with the profile (``testbed``): the file, its sha256 recorded in the profile
+    shipped_weights: Path | None = None
 
     @property
     def latent_size(self) -> int:
@@ -55,7 +64,7 @@ class ModelSpec:
 
     def fingerprint(self) -> str:
         """A stable id of the weights: config + seed for random profiles, file hashes for checkpoints."""
-        if self.random_weights:
+        if self.random_weights or self.shipped_weights is not None:
             blob = json.dumps({"profile": self.profile, **self.profile_config}, sort_keys=True)
             return f"{self.profile}-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
         from .checkpoints import checkpoint_fingerprint
@@ -88,11 +97,12 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def model_spec(profile: str, model_path: str | Path | None = None) -> ModelSpec:
     """Resolve a profile name (and, for ``sdxl``, a model directory) to a :class:`ModelSpec`."""
-    if profile in RANDOM_PROFILES:
+    if profile in RANDOM_PROFILES + SHIPPED_PROFILES:
         config = _read_json(PROFILE_DIR / f"{profile}.json")
         scheduler = _read_json(PROFILE_DIR / config["scheduler"])
-        return ModelSpec(profile, int(config["image_size"]), scheduler, True, config["description"],
-                         profile_config=config)
+        shipped = PROFILE_DIR / config["weights"] if profile in SHIPPED_PROFILES else None
+        return ModelSpec(profile, int(config["image_size"]), scheduler, shipped is None, config["description"],
+                         profile_config=config, shipped_weights=shipped)
     if profile == "sdxl":
         from .checkpoints import resolve_checkpoint
 
@@ -106,8 +116,19 @@ def model_spec(profile: str, model_path: str | Path | None = None) -> ModelSpec:
     raise ModelLoadError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
 
 
+def profile_default(profile: str, key: str) -> Path | None:
+    """A built-in profile's default file (``default_captions``, ``default_calibration_captions``), if it names one."""
+    if profile not in RANDOM_PROFILES + SHIPPED_PROFILES:
+        return None
+    name = _read_json(PROFILE_DIR / f"{profile}.json").get(key)
+    return PROFILE_DIR / name if name else None
+
+
 def build_random_components(spec: ModelSpec, show_progress: bool = True) -> ModelComponents:
-    """Build a random-weights profile deterministically: component ``k`` is initialised after seeding ``seed + k``."""
+    """Build a profile's architecture deterministically: component ``k`` is initialised after seeding ``seed + k``.
+
+    For a shipped-weights profile the trained weights then replace every parameter (strictly).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -120,17 +141,28 @@ def build_random_components(spec: ModelSpec, show_progress: bool = True) -> Mode
         "unet": lambda c: UNet2DConditionModel(**c),
         "vae": lambda c: AutoencoderKL(**c),
     }
+    shipped = None
+    if spec.shipped_weights is not None:
+        from .shipped_weights import load_shipped
+
+        shipped = load_shipped(spec.shipped_weights, config.get("weights_sha256"), HOW_TO_GET_TESTBED)
     modules: dict[str, torch.nn.Module] = {}
-    for k, name in enumerate(progress(COMPONENT_NAMES, desc=f"building {spec.profile} (random weights)",
+    kind = "random weights" if shipped is None else "trained weights"
+    for k, name in enumerate(progress(COMPONENT_NAMES, desc=f"building {spec.profile} ({kind})",
                                       disable=not show_progress)):
         torch.manual_seed(int(config["seed"]) + k)
-        modules[name] = builders[name](config[name]).eval().requires_grad_(False)
+        module = builders[name](config[name])
+        if shipped is not None:
+            from .shipped_weights import load_into, unpack
+
+            load_into(module, unpack(shipped, name, int(config[name].get("vocab_size", 0))), name)
+        modules[name] = module.eval().requires_grad_(False)
     return ModelComponents(spec, **modules)
 
 
 def load_tokenizers(spec: ModelSpec) -> tuple[Any, Any]:
-    """SDXL's two tokenizers: the checkpoint's own, or the CLIP BPE from open_clip for random profiles."""
-    if spec.random_weights:
+    """SDXL's two tokenizers: the checkpoint's own, or the CLIP BPE from open_clip for built-in profiles."""
+    if spec.model_path is None:
         return build_sdxl_tokenizers()
     from .checkpoints import load_checkpoint_tokenizers
 
@@ -139,7 +171,7 @@ def load_tokenizers(spec: ModelSpec) -> tuple[Any, Any]:
 
 def load_components(spec: ModelSpec, dtype: torch.dtype = torch.float32, show_progress: bool = True) -> ModelComponents:
     """Build or load the modules of ``spec``; checkpoints load directly in ``dtype`` (no fp32 copy)."""
-    if spec.random_weights:
+    if spec.model_path is None:
         return build_random_components(spec, show_progress)
     from .checkpoints import load_checkpoint_components
 

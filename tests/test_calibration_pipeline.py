@@ -51,7 +51,7 @@ def test_calibrate_command_resumes_a_killed_capture_and_reports_sqnr(tmp_path, c
 
     out, cache = tmp_path / "w8a8.json", tmp_path / "cache"
     # the first two steps only: the capture stops denoising after the last captured step
-    flags = ["calibrate", "--recipe", "w8a8", "--num-prompts", "5", "--timesteps", "list:951,901",
+    flags = ["calibrate", "--profile", "tiny", "--recipe", "w8a8", "--num-prompts", "5", "--timesteps", "list:951,901",
              "--cache-dir", str(cache)]
     assert main([*flags, "--output", str(out), "--sqnr-samples", "1"]) == 0
     printed = capsys.readouterr().out
@@ -85,7 +85,7 @@ def test_run_with_a_recipe_calibrates_once_into_the_run_directory(tmp_path):
     from quant.encodings import Encodings
 
     out = tmp_path / "run"
-    assert main(["run", "--recipe", "w8a8-per-step", "--num-prompts", "1", "--timesteps", "list:951,901",
+    assert main(["run", "--profile", "tiny", "--recipe", "w8a8-per-step", "--num-prompts", "1", "--timesteps", "list:951,901",
                  "--cache-dir", str(tmp_path / "cache"), "--mode", "accuracy", "--max-samples", "1",
                  "--output", str(out)]) == 0
     record = json.loads((out / "run.json").read_text())

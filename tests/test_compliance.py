@@ -17,7 +17,7 @@ TEST04_AUDIT = ("*.*.mode = 2\n*.*.performance_issue_unique = 0\n*.*.performance
 
 
 def _run(out: Path, *flags) -> dict:
-    assert main(["run", "--output", str(out), "--backend", "null", "--user-conf", str(NULL_CONF),
+    assert main(["run", "--profile", "tiny", "--output", str(out), "--backend", "null", "--user-conf", str(NULL_CONF),
                  "--max-batchsize", "8", *flags]) == 0
     return json.loads((out / "run.json").read_text())
 

@@ -1,6 +1,7 @@
 """The package layers: each package imports only the ones below it, counting imports inside functions.
 
-``sdxl`` (models, pipeline, data) is the ground floor; ``quant`` (numerics, the encodings format)
+``sdxl`` (models, pipeline, data) is the ground floor; ``testbed`` (the generated scenes, the testbed's
+training, checker and scorer) uses only it; ``quant`` (numerics, the encodings format)
 sits on it; ``backends`` on both; ``calibration`` drives a backend; ``accuracy`` reads images; the
 ``harness`` (LoadGen application) is on top. A test over the source's ``ast``, so an import added in a
 function body, or an ``importlib.import_module("pkg.mod")`` string, counts as much as one at the top.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: bottom to top: a package may import itself and the packages before it
-LAYERS = ("sdxl", "quant", "backends", "calibration", "accuracy", "harness")
+LAYERS = ("sdxl", "testbed", "quant", "backends", "calibration", "accuracy", "harness")
 
 
 def _imported_modules(path: Path, package: str) -> set[str]:

@@ -12,7 +12,7 @@ NULL_CONF = Path(__file__).parent / "data" / "null_valid_user.conf"
 
 def _run(tmp_path, *flags) -> dict:
     out = tmp_path / "run"
-    assert main(["run", "--output", str(out), *flags]) == 0
+    assert main(["run", "--profile", "tiny", "--output", str(out), *flags]) == 0
     return json.loads((out / "run.json").read_text())
 
 

@@ -250,7 +250,7 @@ def test_a16w8_qdq_meets_the_issue_parity_bound(a16w8, tiny_spec, cache_dir, une
 def test_ort_under_loadgen_and_compare(w8a8, a16w8, cache_dir, tmp_path, no_weights, capsys):
     """Accuracy runs through LoadGen (torch FP32; fake-quant and ORT for A16W8 and A8W8, ORT in Server and
     SingleStream), then ``compare``: the issue's end-to-end bound, PSNR(ORT, fake-quant) >= PSNR(ORT, FP32) + 6 dB."""
-    common = ["--mode", "accuracy", "--max-samples", "1", "--cache-dir", str(cache_dir)]  # one image per run
+    common = ["--profile", "tiny", "--mode", "accuracy", "--max-samples", "1", "--cache-dir", str(cache_dir)]  # one image per run
     ort = ["--backend", "ort", "--ort-threads", "1"]
     runs = {"fp32": [], "fq16": ["--encodings", str(a16w8[1])], "fq8": ["--encodings", str(w8a8[1])],
             "ort16": [*ort, "--encodings", str(a16w8[1]), "--scenario", "Server", "--threads", "2"],
