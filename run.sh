@@ -6,6 +6,7 @@
 #                            accuracy on 32 captions each, and the study table of the two
 #   ./run.sh test [ARGS]     the test suite (pytest ARGS; slow scale tests: ./run.sh test -m slow)
 #   ./run.sh COMMAND [ARGS]  any harness command: run, ... (./run.sh --help lists them)
+#   ./run.sh --rebuild-venv  build a fresh .venv (the old one is removed only once the new install succeeded)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -24,26 +25,56 @@ pick_python() {
   echo "run.sh: needs Python 3.10-3.13 (set PYTHON=/path/to/python3)" >&2; return 1
 }
 
+venv_starts() { [ -x "$1/bin/python" ] && "$1/bin/python" -c 'import sys' 2>/dev/null; }
+
+install_into() {  # $1: a venv whose Python starts; installs the pinned torch and this project into it
+  "$1/bin/python" -m pip install -q --upgrade pip &&
+  # shellcheck disable=SC2086
+  "$1/bin/python" -m pip install -q $TORCH_PINS &&
+  "$1/bin/python" -m pip install -q -e ".[test,qnn]"
+}
+
+# A venv is never deleted implicitly: on an offline machine a multi-GB one cannot be rebuilt. One whose
+# Python does not start (a moved or upgraded base interpreter, another user's) is reported with the fix;
+# --rebuild-venv builds a fresh one and removes the old one only once the new install succeeded.
+rebuild_venv() {
+  local old="$VENV.old-$$"
+  echo "run.sh: building a fresh $VENV (torch is several GB, allow some minutes)..." >&2
+  if [ -e "$VENV" ]; then mv "$VENV" "$old"; fi
+  if "$(pick_python)" -m venv "$VENV" && install_into "$VENV"; then
+    echo "$1" > "$VENV/.sdxl-bench-stamp"
+    rm -rf "$old"
+  else
+    echo "run.sh: building $VENV failed; the previous one is back in place" >&2
+    rm -rf "$VENV"
+    if [ -e "$old" ]; then mv "$old" "$VENV"; fi
+    return 1
+  fi
+}
+
 ensure_venv() {
   local want stamp="$VENV/.sdxl-bench-stamp"
   want=$(cat setup.cfg pyproject.toml <(echo "$TORCH_PINS") | sha256sum | cut -d' ' -f1)
-  if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys' 2>/dev/null &&
-     [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
-    return 0
+  if [ "${1:-}" = rebuild ] || [ ! -e "$VENV" ]; then
+    rebuild_venv "$want"; return
   fi
-  echo "run.sh: setting up $VENV (first time: torch is several GB, allow some minutes)..." >&2
-  if ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys' 2>/dev/null; }; then
-    rm -rf "$VENV"
-    "$(pick_python)" -m venv "$VENV"
+  if ! venv_starts "$VENV"; then
+    echo "run.sh: $VENV exists but its Python does not start ($VENV/bin/python: moved or upgraded base" \
+         "interpreter?); rebuild it with: ./run.sh --rebuild-venv   (SDXL_BENCH_VENV=DIR uses another one)" >&2
+    exit 2
   fi
-  rm -f "$stamp"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  # shellcheck disable=SC2086
-  "$VENV/bin/python" -m pip install -q $TORCH_PINS
-  "$VENV/bin/python" -m pip install -q -e ".[test,qnn]"
-  echo "$want" > "$stamp"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "run.sh: updating $VENV (setup.cfg, pyproject.toml or the torch pins changed)..." >&2
+    rm -f "$stamp"
+    install_into "$VENV"
+    echo "$want" > "$stamp"
+  fi
 }
 
+if [ "${1:-}" = --rebuild-venv ]; then
+  ensure_venv rebuild
+  exit 0
+fi
 ensure_venv
 PY="$VENV/bin/python"
 case "${1:-}" in

@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from sdxl.arg_types import int_at_least
+from sdxl.io import check_writable_dir
+
 from .report import INPUT_ERRORS, AuditOptions
 
 
@@ -24,18 +27,16 @@ def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-weights", action="store_true",
                         help="random Inception/CLIP networks: exercises the mechanics, numbers NOT comparable")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per network call (default 8)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=8, help="images per network call (default 8)")
+    parser.add_argument("--image-size", type=int_at_least(1),
+                        help="image side in pixels, for a log away from its run.json (default: run.json's, else 1024)")
 
 
 def audit_options(args: argparse.Namespace, missing: str = "error") -> AuditOptions:
     """:class:`AuditOptions` from the flags of :func:`add_weight_arguments` (and ``--statistics-path``)."""
-    from sdxl.errors import UserError
-
-    if args.batch_size < 1:
-        raise UserError("--batch-size must be >= 1")
     return AuditOptions(statistics_path=getattr(args, "statistics_path", None), random_weights=args.random_weights,
                         inception_weights=args.inception_weights, clip_weights=args.clip_weights, device=args.device,
-                        batch_size=args.batch_size, missing=missing)
+                        batch_size=args.batch_size, image_size=args.image_size, missing=missing)
 
 
 def register(subparsers) -> None:
@@ -73,7 +74,7 @@ def register(subparsers) -> None:
     prepare = subparsers.add_parser("prepare-dataset", help="MLPerf's captions TSVs from COCO annotation files")
     prepare.add_argument("--annotations", required=True, help="captions_val2014.json")
     prepare.add_argument("--calibration-annotations", help="captions_train2014.json (writes calibration/captions.tsv)")
-    prepare.add_argument("--max-images", type=int, default=5000, help="validation rows to keep (MLPerf: 5000)")
+    prepare.add_argument("--max-images", type=int_at_least(1), default=5000, help="validation rows to keep (MLPerf: 5000)")
     prepare.add_argument("--output", required=True, help="dataset directory (captions/, calibration/)")
     prepare.set_defaults(func=run_prepare_dataset)
 
@@ -86,6 +87,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
     try:
         log = resolve_log(args.log)
         output = Path(args.output) if args.output else log.parent
+        check_writable_dir(output, "--output")
         result = audit_log(log, dataset_path=args.dataset_path, output_dir=output, options=audit_options(args),
                            compliance_images_path=args.compliance_images_path, ids_path=args.ids_path)
     except (WeightsUnavailable, *INPUT_ERRORS) as exc:
@@ -99,6 +101,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from .compare import compare_logs, format_compare_report, resolve_log
     from .weights import WeightsUnavailable
 
+    check_writable_dir(Path(args.output), "--output")
     try:
         summary = compare_logs(resolve_log(args.log), resolve_log(args.reference_log), output_dir=args.output,
                                dataset_path=args.dataset_path, options=audit_options(args, missing="na"))
@@ -113,6 +116,7 @@ def run_fid_stats(args: argparse.Namespace) -> int:
     from .fid_stats import fid_stats
     from .weights import WeightsUnavailable
 
+    check_writable_dir(Path(args.output).parent, "--output")
     if args.testbed_scenes:
         return _testbed_fid_stats(args)
     try:
@@ -120,7 +124,7 @@ def run_fid_stats(args: argparse.Namespace) -> int:
         evaluators = build_evaluators(fid=True, clip=False, random_weights=options.random_weights,
                                       inception_weights=options.inception_weights, device=options.device)
         gaussian = fid_stats(args.output, evaluators.inception, log=args.log, images=args.images,
-                             batch_size=options.batch_size)
+                             batch_size=options.batch_size, image_size=options.image_size)
     except (WeightsUnavailable, *INPUT_ERRORS) as exc:
         raise _user_error(exc) from None
     print(f"wrote {args.output}: mu/sigma of {gaussian.count} images")

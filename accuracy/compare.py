@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from sdxl.io import atomic_path, write_json_atomic
+
 from .evaluate import evaluate_log
 from .evaluators import RANDOM_WEIGHTS_REASON, Evaluators, build_evaluators
 from .fid import FidUndefined, frechet_distance
@@ -124,7 +126,8 @@ def _write_grid(path: Path, rows: list[tuple[float, int, np.ndarray]], spill: Im
             axis.set_title(title, fontsize=9)
             axis.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -143,7 +146,8 @@ def _write_histogram(path: Path, csv_path: Path) -> None:
     axis.set_ylabel("images")
     axis.set_title(f"{len(finite)} differing images, {int((~np.isfinite(psnr)).sum())} identical")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -159,7 +163,7 @@ def compare_logs(quantized_log: str | Path, reference_log: str | Path, *, output
     options = options or AuditOptions(missing="na")
     quantized_log, reference_log = Path(quantized_log), Path(reference_log)
     output_dir = Path(output_dir)
-    q_info, r_info = load_run_info(quantized_log), load_run_info(reference_log)
+    q_info, r_info = load_run_info(quantized_log, options.image_size), load_run_info(reference_log, options.image_size)
     refused = incompatibilities(q_info, r_info)
     if refused:
         raise RunInfoError(f"refusing to compare {quantized_log} with {reference_log}: " + "; ".join(refused))
@@ -175,10 +179,11 @@ def compare_logs(quantized_log: str | Path, reference_log: str | Path, *, output
     clip = evaluators.clip if captions is not None else None
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path = output_dir / "per_image.csv"
-    with ImageSpill(output_dir, image_size) as spill:
+    # every output appears whole or not at all: a truncated log fails before per_image.csv is renamed in
+    with ImageSpill(output_dir, image_size) as spill, atomic_path(csv_path) as csv_tmp:
         reference = evaluate_log(reference_log, image_size, captions=captions, inception=evaluators.inception,
                                  clip=clip, sinks=(spill,), batch_size=options.batch_size, desc="reference log")
-        pairer = _Pairer(spill, csv_path, grid_rows)
+        pairer = _Pairer(spill, csv_tmp, grid_rows)
         try:
             quantized = evaluate_log(quantized_log, image_size, captions=captions, inception=evaluators.inception,
                                      clip=clip, sinks=(pairer,), batch_size=options.batch_size, desc="quantized log")
@@ -228,8 +233,6 @@ def compare_logs(quantized_log: str | Path, reference_log: str | Path, *, output
         "dataset": dataset_desc,
         "files": files,
     }
-    from sdxl.io import write_json_atomic
-
     write_json_atomic(output_dir / "compare.json", summary)
     return summary
 

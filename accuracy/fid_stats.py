@@ -50,12 +50,12 @@ def statistics_of_images(images: Iterator[np.ndarray], inception: InceptionFeatu
 
 
 def fid_stats(output: str | Path, inception: InceptionFeatures, *, log: str | Path | None = None,
-              images: str | Path | None = None, batch_size: int = 8) -> RunningGaussian:
-    """Write the npz of a log's images (size from its ``run.json``, else 1024) or of an image directory."""
+              images: str | Path | None = None, batch_size: int = 8, image_size: int | None = None) -> RunningGaussian:
+    """Write the npz of a log's images (size ``image_size``, else its ``run.json``'s, else 1024) or of a directory."""
     if (log is None) == (images is None):
         raise ValueError("give exactly one of --log or --images")
     if log is not None:
-        gaussian = evaluate_log(log, load_run_info(log).image_size, inception=inception,
+        gaussian = evaluate_log(log, load_run_info(log, image_size).image_size, inception=inception,
                                 batch_size=batch_size, desc="accuracy log").gaussian
     else:
         gaussian = statistics_of_images(iter_image_dir(images), inception, batch_size)

@@ -85,7 +85,8 @@ def decode_entry(entry: object, image_size: int, position: int, path: Path) -> t
         got = len(data) // 2 if isinstance(data, str) else None
         raise AccuracyLogError(
             f"{path}: {_describe(position, qsl_idx)} holds {got} bytes{_size_hint(got or 0)}, expected {expected} "
-            f"({image_size}x{image_size}x3 uint8); wrong image size, or not an SDXL log")
+            f"({image_size}x{image_size}x3 uint8); wrong image size (--image-size N for a log away from its "
+            "run.json), or not an SDXL log")
     try:
         raw = bytes.fromhex(data)
     except ValueError:

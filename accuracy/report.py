@@ -43,6 +43,7 @@ class AuditOptions:
     clip_weights: str | None = None
     device: str = "cpu"
     batch_size: int = 8
+    image_size: int | None = None  # --image-size: overrides run.json's (a log copied away from its run)
     missing: str = "error"
 
 
@@ -96,7 +97,7 @@ def audit_log(log_path: str | Path, *, dataset_path: str | Path | None = None, o
     log_path = Path(log_path)
     if not log_path.is_file():
         raise FileNotFoundError(f"accuracy log {log_path} not found")
-    run_info = load_run_info(log_path)
+    run_info = load_run_info(log_path, options.image_size)
     image_size = run_info.image_size
     if run_info.data.get("profile") == "testbed":
         return _audit_testbed(log_path, run_info, dataset_path, options, output_dir)
@@ -194,13 +195,12 @@ def _audit_testbed(log_path: Path, run_info, dataset_path, options: AuditOptions
 
 def write_accuracy_outputs(result: dict[str, Any], output_dir: Path) -> None:
     """``accuracy.json`` and the checker's ``accuracy.txt`` (results line + ``hash=``)."""
-    from sdxl.io import write_json_atomic
+    from sdxl.io import write_json_atomic, write_text_atomic
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output_dir / "accuracy.json", result)
     lines = ([f"# {RANDOM_WEIGHTS_WARNING}"] if result["random_weights"] else []) + \
             [result["mlperf_results_line"], f"hash={result['log']['sha256']}"]
-    (output_dir / "accuracy.txt").write_text("\n".join(lines) + "\n")
+    write_text_atomic(output_dir / "accuracy.txt", "\n".join(lines) + "\n")
 
 
 def format_accuracy_report(result: dict[str, Any]) -> str:

@@ -27,15 +27,18 @@ class RunInfo:
 
     path: Path | None
     data: dict[str, Any] = field(default_factory=dict)
+    image_size_override: int | None = None  # --image-size
 
     @property
     def image_size(self) -> int:
-        return int(self.data.get("image_size") or official_image_size())
+        return int(self.image_size_override or self.data.get("image_size") or official_image_size())
 
     @property
     def image_size_source(self) -> str:
+        if self.image_size_override:
+            return "--image-size"
         return f"run.json ({self.path})" if self.path and self.data.get("image_size") else \
-            f"default {official_image_size()} (MLPerf; no run.json beside the log)"
+            f"default {official_image_size()} (MLPerf; no run.json beside the log; --image-size N for others)"
 
     @property
     def model_random_weights(self) -> bool:
@@ -69,11 +72,11 @@ def find_run_json(log_path: Path) -> Path | None:
     return None
 
 
-def load_run_info(log_path: str | Path) -> RunInfo:
-    """The :class:`RunInfo` of a log (empty when no ``run.json`` is found)."""
+def load_run_info(log_path: str | Path, image_size: int | None = None) -> RunInfo:
+    """The :class:`RunInfo` of a log (empty when no ``run.json`` is found); ``image_size`` overrides its size."""
     run_json = find_run_json(Path(log_path))
     if run_json is None:
-        return RunInfo(None)
+        return RunInfo(None, image_size_override=image_size)
     try:
         data = json.loads(run_json.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -83,7 +86,7 @@ def load_run_info(log_path: str | Path) -> RunInfo:
     size = data.get("image_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise RunInfoError(f"{run_json}: image_size {size!r} is not a positive integer")
-    return RunInfo(run_json, data)
+    return RunInfo(run_json, data, image_size)
 
 
 def incompatibilities(quantized: RunInfo, reference: RunInfo) -> list[str]:

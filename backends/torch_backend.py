@@ -12,7 +12,7 @@ import torch
 
 from sdxl.backend import DTYPES, Backend, BackendOptions
 from sdxl.models import ModelComponents, load_components
-from sdxl.system_info import native_bf16
+from sdxl.system_info import slow_dtype_warning
 
 from .registry import register_backend
 
@@ -27,9 +27,8 @@ class TorchBackend(Backend):
         if options.recipe and not options.encodings:
             raise ValueError(f"backend options name recipe {options.recipe!r} but no encodings: a backend loads "
                              "encodings and never calibrates (calibrate first, or use run --recipe)")
-        if options.dtype == "bf16" and options.device == "cpu" and not native_bf16():
-            warnings.warn("this CPU has no native bf16 (no AVX512-BF16/AMX): torch emulates bf16 matmul, "
-                          "~100x slower than fp32", stacklevel=2)
+        if (slow := slow_dtype_warning(options.dtype, options.device)) is not None:
+            warnings.warn(slow, stacklevel=2)
         if components is None:
             components = load_components(spec, self.dtype, options.show_progress)
         self.components = components

@@ -242,12 +242,39 @@ def cache_key(fingerprint: str, request: CaptureRequest, steps: list[int], laten
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save(tensors: dict[str, torch.Tensor], path: Path, manifest: dict) -> None:
+    """Write one cache file atomically and record its size and sha256 in the manifest (checked on reuse)."""
     from safetensors.torch import save_file
+
+    from sdxl.dataset import file_sha256
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    manifest.setdefault("files", {})[path.name] = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp)}
     tmp.replace(path)
+
+
+def _discard_damaged_files(directory: Path, manifest: dict) -> None:
+    """Forget every cached file whose size or sha256 is not what was written, so it is captured again.
+
+    Files are written atomically, so damage comes from outside (a disk error, a partial copy of the
+    cache): without this check every later calibration would fail in the middle with a traceback.
+    """
+    from sdxl.dataset import file_sha256
+
+    for name, recorded in list(manifest.get("files", {}).items()):
+        path = directory / name
+        if path.is_file() and path.stat().st_size == recorded["size"] and file_sha256(path) == recorded["sha256"]:
+            continue
+        log.warning("calibration cache %s is damaged (size or sha256 differs from when it was written): "
+                    "capturing it again", path)
+        path.unlink(missing_ok=True)
+        del manifest["files"][name]
+        stem, _, number = path.stem.partition("-")
+        kind = {"embeds": "encoded", "latents": "chunks"}.get(stem)
+        if kind is not None and int(number) in manifest[kind]:
+            manifest[kind].remove(int(number))
+        manifest["complete"] = False
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
@@ -281,6 +308,7 @@ def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str 
                     "captions_sha256": _captions_hash(request.captions), "num_prompts": len(request.captions),
                     "steps": steps, "timesteps": [schedule[s] for s in steps], "encoded": [], "chunks": [],
                     "complete": False}
+    _discard_damaged_files(directory, manifest)
     if manifest.get("complete"):
         log.info("calibration data cached at %s", directory)
         return CalibrationData(directory, manifest)
@@ -288,14 +316,14 @@ def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str 
     # phase 1: text encoders for every prompt (cheap), so they can be freed before the UNet loop
     with torch.inference_mode():
         if not (directory / "negative.safetensors").is_file():
-            _save(pipeline.negative_conditioning(), directory / "negative.safetensors")
+            _save(pipeline.negative_conditioning(), directory / "negative.safetensors", manifest)
         for index in progress(range(len(chunks)), desc="encoding calibration prompts", disable=not show_progress):
             if index in manifest["encoded"]:
                 continue
             ids_1, ids_2 = (tokenize(tok, chunks[index]) for tok in tokenizers)
             embeds, pooled = pipeline.backend.encode_prompts(ids_1, ids_2)
             _save({"prompt_embeds": embeds, "text_embeds": pooled, "ids_1": ids_1, "ids_2": ids_2},
-                  directory / f"embeds-{index:05d}.safetensors")
+                  directory / f"embeds-{index:05d}.safetensors", manifest)
             manifest["encoded"].append(index)
             _write_manifest(directory, manifest)
     if free_text_encoders is not None:
@@ -323,7 +351,7 @@ def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str 
                                                      n, step_callback=on_step).float()
             except _StopDenoise:
                 pass
-        _save(captured, directory / f"latents-{index:05d}.safetensors")
+        _save(captured, directory / f"latents-{index:05d}.safetensors", manifest)
         manifest["chunks"].append(index)
         _write_manifest(directory, manifest)
     manifest["complete"] = True

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from quant.encodings import EncodingsError
+from sdxl.arg_types import int_at_least
+from sdxl.io import check_writable_dir
 
 
 def register(subparsers) -> None:
@@ -24,11 +26,11 @@ def register(subparsers) -> None:
                         help=f"built-in recipe name ({', '.join(builtin_recipes())}) or a recipe file")
     parser.add_argument("--calibration-captions", help="calibration captions (MLPerf's train2014 list or TSV); "
                                                        "testbed and tiny default to their own")
-    parser.add_argument("--num-prompts", type=int, help="use the first N captions")
+    parser.add_argument("--num-prompts", type=int_at_least(1), help="use the first N captions")
     parser.add_argument("--timesteps", help="all | single | uniform:K | list:951,901,... (default: the recipe's, else all)")
     parser.add_argument("--output", required=True, help="encodings JSON file to write")
     parser.add_argument("--cache-dir", default="build/cache", help="cache root; calibration data under <dir>/calib")
-    parser.add_argument("--sqnr-samples", type=int, default=2, help="UNet calls used for the SQNR report (0: skip it)")
+    parser.add_argument("--sqnr-samples", type=int_at_least(0), default=2, help="UNet calls used for the SQNR report (0: skip it)")
     parser.set_defaults(func=run_calibrate)
 
 
@@ -38,6 +40,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix != ".json" or output.is_dir():
         raise UserError(f"--output is the encodings file and must end in .json (got {args.output})")
+    check_writable_dir(output.parent, "--output")
     encodings, written, reports = calibrate_to_file(
         args.profile, args.model_path, args.recipe, output, calibration_captions=args.calibration_captions,
         num_prompts=args.num_prompts, timesteps=args.timesteps, cache_dir=args.cache_dir,

@@ -15,13 +15,21 @@ import os
 import sys
 
 from sdxl.errors import UserError
+from sdxl.interrupts import describe, exit_code, handle_termination
 
 COMMAND_MODULES = ("harness.run_command", "harness.compliance", "harness.submission", "harness.study",
                    "testbed.commands", "calibration.commands", "accuracy.commands")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are the project's one-line errors (exit code 2, no usage dump)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.sh", description="MLPerf-style SDXL benchmark for quantized models.")
+    parser = ArgumentParser(prog="run.sh", description="MLPerf-style SDXL benchmark for quantized models.")
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
@@ -43,8 +51,13 @@ def quiet_openmp_waits() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_openmp_waits()
+    handle_termination()  # SIGTERM/SIGHUP end a command as Ctrl-C does: cleanly, and recorded as such
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
@@ -54,6 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(describe(exc), file=sys.stderr)
+        return exit_code(exc)

@@ -55,7 +55,31 @@ def summarize(test_dir: Path, scenario: str, mode: str) -> dict[str, Any]:
     summary["min_duration_met"] = detail.get("result_min_duration_met")
     summary["min_queries_met"] = detail.get("result_min_queries_met")
     summary["early_stopping_met"] = detail.get("early_stopping_met")
+    if summary["validity"] == "INVALID":
+        summary["invalid_reasons"] = invalid_reasons(detail, test_dir / "mlperf_log_summary.txt")
     return summary
+
+
+#: detail-log keys of LoadGen's validity checks, and what a failed one means
+_CHECKS = (("result_perf_constraints_met", "latency constraint not met"),
+           ("result_min_duration_met", "min duration not met"),
+           ("result_min_queries_met", "min query count not met"),
+           ("early_stopping_met", "early stopping not met"))
+
+
+def invalid_reasons(detail: dict[str, Any], summary_path: Path) -> list[str]:
+    """Why LoadGen judged a test INVALID: its failed checks, then its own recommendations."""
+    reasons = [text for key, text in _CHECKS if detail.get(key) is False]
+    if summary_path.is_file():
+        lines = summary_path.read_text(errors="replace").splitlines()
+        if "Recommendations:" in lines:
+            for line in lines[lines.index("Recommendations:") + 1:]:
+                if not line.strip():
+                    break
+                text = line.strip().removeprefix("* ").rstrip(".,")
+                if line.strip().startswith("*") and not text.startswith(("Run unsuccessful", "Processed")):
+                    reasons.append(text)
+    return reasons
 
 
 def _count_accuracy_samples(test_dir: Path) -> int | None:

@@ -31,6 +31,16 @@ def build_pipeline(config: RunConfig):
     return SDXLPipeline(backend, spec, tokenizers), tokenizers
 
 
+def _wait_through_interrupts(event: threading.Event) -> None:
+    """Wait for ``event`` even if more Ctrl-Cs arrive: LoadGen must finish before its SUT is destroyed."""
+    while True:
+        try:
+            event.wait()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, Any]:
     import mlperf_loadgen as lg
 
@@ -64,26 +74,34 @@ def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, 
         started = time.time()
         sut.warmup()
         warmup_s = time.time() - started
+        pipeline.nonfinite_images = 0  # the count is the test's images', not the partly denoised warm-up's
     sut_handle = sut.start()
     qsl_handle = qsl.construct()
     audit = str(Path(config.audit_conf).resolve()) if config.audit_conf else NO_AUDIT_CONFIG
     error: list[BaseException] = []
+    finished = threading.Event()
 
     def start_test() -> None:
         try:
             lg.StartTestWithLogSettings(sut_handle, qsl_handle, settings, make_log_settings(test_dir), audit)
         except BaseException as exc:  # noqa: BLE001 -- re-raised on the main thread
             error.append(exc)
+        finally:
+            finished.set()
 
     runner = threading.Thread(target=start_test, name="loadgen")
     started = time.time()
     runner.start()
+    # Wait on an Event, not on Thread.join(timeout): a KeyboardInterrupt raised inside join's wait makes
+    # CPython (3.11/3.12, the bpo-45274 handling) mark the still-running thread as stopped, so the next
+    # join returns at once, the SUT and QSL are destroyed under LoadGen, and it crashes (SIGSEGV) before
+    # writing its logs: what Ctrl-C and SIGTERM used to leave behind.
     try:
-        while runner.is_alive():
-            runner.join(0.2)
+        while not finished.wait(0.2):
+            pass
     except KeyboardInterrupt:
         sut.abort()
-        runner.join()
+        _wait_through_interrupts(finished)
         raise
     finally:
         test_s = time.time() - started
@@ -93,5 +111,6 @@ def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, 
         raise error[0]
     result = summarize(test_dir, config.scenario, mode)
     result.update(build_s=round(build_s, 3), warmup_s=round(warmup_s, 3), test_s=round(test_s, 3),
-                  sut=sut.stats.describe(), backend=pipeline.backend.describe())
+                  sut=sut.stats.describe(), backend=pipeline.backend.describe(),
+                  nonfinite_images=pipeline.nonfinite_images)
     return result

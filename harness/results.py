@@ -74,6 +74,8 @@ class RunRecord:
 
     def add_test(self, result: dict[str, Any]) -> None:
         self.tests.append(result)
+        if result.get("nonfinite_images"):  # counted over the run, flagged in the table
+            self.data["nonfinite_images"] = self.data.get("nonfinite_images", 0) + result["nonfinite_images"]
         self.save()
 
     def finish(self, status: str, error: str | None = None) -> None:
@@ -108,8 +110,10 @@ def result_rows(record: RunRecord) -> list[list[str]]:
                 perf += f", early-stop {_fmt(test['early_stopping_latency_s'])} s"
         else:
             perf = "-"
-        rows.append([test["scenario"], test["mode"], _fmt(test.get("samples")), perf, test.get("validity", "-"),
-                     test["dir"]])
+        validity = test.get("validity", "-")
+        if test.get("invalid_reasons"):
+            validity += " (" + "; ".join(test["invalid_reasons"]) + ")"
+        rows.append([test["scenario"], test["mode"], _fmt(test.get("samples")), perf, validity, test["dir"]])
     return rows
 
 
@@ -132,6 +136,9 @@ def print_results_table(records: list[RunRecord], stream: TextIO | None = None) 
         if data.get("random_weights"):
             print("  !!! RANDOM WEIGHTS: this model was not trained; images are noise and accuracy is meaningless !!!",
                   file=stream)
+        if data.get("nonfinite_images"):
+            print(f"  !!! {data['nonfinite_images']} image(s) decoded with NaN/Inf pixels (logged as black): a broken "
+                  "quantization recipe or input !!!", file=stream)
         if data.get("compliant"):
             print("  compliant with MLPerf's closed-division settings", file=stream)
         else:

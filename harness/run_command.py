@@ -15,17 +15,21 @@ import argparse
 import datetime as _dt
 import multiprocessing
 import os
+import shutil
+import signal
 import traceback
 from pathlib import Path
 from typing import Any
 
 from backends.registry import add_backend_arguments, backend_extra_from_args
+from sdxl.arg_types import int_at_least, positive_float
 from sdxl.benchmark_spec import (
     OFFICIAL_CAPTIONS_SHA256,
     OFFICIAL_IMAGE_SIZE,
     OFFICIAL_LATENT_TENSOR_SHA256,
     PERFORMANCE_SAMPLE_COUNT,
 )
+from sdxl.interrupts import Interrupted
 
 from .loadgen_settings import MODES, SCENARIOS, Overrides, user_conf_non_compliant_keys
 from .results import RunRecord, print_results_table
@@ -57,7 +61,7 @@ def register(subparsers) -> None:
                                          "(capture cached under --cache-dir) into <run>/encodings.json")
     parser.add_argument("--calibration-captions", help="with --recipe: calibration captions (MLPerf's train2014 list "
                                                        "or TSV; tiny defaults to its built-in captions)")
-    parser.add_argument("--num-prompts", type=int, help="with --recipe: calibrate on the first N captions")
+    parser.add_argument("--num-prompts", type=int_at_least(1), help="with --recipe: calibrate on the first N captions")
     parser.add_argument("--timesteps", help="with --recipe: all | single | uniform:K | list:951,901,... "
                                             "(default: the recipe's, else all)")
     parser.add_argument("--scenario", default="Offline", choices=SCENARIOS)
@@ -66,18 +70,21 @@ def register(subparsers) -> None:
                         help="performance (default), accuracy, or both in one run directory")
     parser.add_argument("--dataset-path", help="captions TSV, or a reference-layout directory "
                                                "(captions/captions.tsv, latents/latents.pt); default: built-in captions")
-    parser.add_argument("--max-samples", type=int, help="use the first N captions only (not compliant)")
+    parser.add_argument("--max-samples", type=int_at_least(1), help="use the first N captions only (not compliant)")
     parser.add_argument("--latents", help="latents.pt (MLPerf's fixed latent) or a dataset directory holding it")
     parser.add_argument("--user-conf", "--user_conf", dest="user_conf", default=str(DEFAULT_USER_CONF),
                         help="LoadGen user.conf (default: the harness's short development settings)")
     parser.add_argument("--audit-conf", "--audit_conf", dest="audit_conf",
                         help="compliance audit.config (TEST01/TEST04); never read implicitly from the cwd")
-    parser.add_argument("--count", type=int, help="cap the number of queries (min = max query count)")
-    parser.add_argument("--time", dest="time_s", type=float, help="min = max duration in seconds")
-    parser.add_argument("--qps", type=float, help="Server target QPS / Offline expected QPS")
-    parser.add_argument("--max-batchsize", type=int, default=1, help="largest batch the SUT forms (default 1)")
-    parser.add_argument("--threads", type=int, default=1, help="SUT worker threads (default 1)")
+    parser.add_argument("--count", type=int_at_least(1), help="cap the number of queries (min = max query count)")
+    parser.add_argument("--time", dest="time_s", type=positive_float, help="min = max duration in seconds")
+    parser.add_argument("--qps", type=positive_float, help="Server target QPS / Offline expected QPS")
+    parser.add_argument("--max-batchsize", type=int_at_least(1), default=1, help="largest batch the SUT forms (default 1)")
+    parser.add_argument("--threads", type=int_at_least(1), default=1, help="SUT worker threads (default 1)")
     parser.add_argument("--output", help="run directory (default results/<timestamp>-<profile>-<backend>-<scenario>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --output (a directory holding a run.json); without it a "
+                             "non-empty --output is refused, so two runs never mix in one directory")
     parser.add_argument("--save-images", action="store_true", help="write the accuracy run's images as PNGs + a grid")
     parser.add_argument("--statistics-path", help="FID statistics (MLPerf's val2014.npz) for the accuracy audit")
     parser.add_argument("--reference-run", help="after an accuracy run, compare its images with this run "
@@ -104,9 +111,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise UserError("give --encodings (calibrated already) or --recipe (calibrate now), not both")
     if args.recipe and args.backend == "null":
         raise UserError("--recipe needs a model backend (torch or ort), not null")
-    for name in ("max_batchsize", "threads", "num_prompts"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     timestamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = args.output or f"results/{timestamp}-{args.profile}-{args.backend}-{args.scenario}"
     return RunConfig(profile=args.profile, model_path=args.model_path, backend=args.backend, dtype=args.dtype,
@@ -114,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                      modes=modes, dataset_path=args.dataset_path, max_samples=args.max_samples, latents=args.latents,
                      user_conf=args.user_conf, audit_conf=args.audit_conf, count=args.count, time_s=args.time_s,
                      qps=args.qps, max_batchsize=args.max_batchsize, threads=args.threads, output=output,
+                     overwrite=args.overwrite,
                      save_images=args.save_images, warmup=args.warmup, cache_dir=args.cache_dir,
                      statistics_path=args.statistics_path, reference_run=args.reference_run,
                      calibration=calibration, backend_extra=backend_extra)
@@ -122,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 #: RunConfig fields spelled differently on the command line
 _FLAG_NAMES = {"time_s": "time"}
 #: RunConfig fields that are not flags of their own (or are the run's output, not its input)
-_NOT_FLAGS = ("modes", "output", "warmup", "calibration", "backend_extra")
+_NOT_FLAGS = ("modes", "output", "overwrite", "warmup", "calibration", "backend_extra")
 
 
 def run_flags(config: dict[str, Any]) -> list[str]:
@@ -173,13 +178,16 @@ def execute_run(config: RunConfig) -> RunRecord:
     """Validate inputs, run each requested LoadGen test in its own process, write ``run.json``."""
     from backends.registry import canonical_backend_name
     from sdxl.dataset import load_captions
+    from sdxl.devices import check_device
     from sdxl.errors import UserError
+    from sdxl.interrupts import describe
     from sdxl.latents import resolve_latent, save_latent
     from sdxl.models import model_spec, profile_default
 
     from .loadgen_settings import user_conf_keys
 
     config.backend = canonical_backend_name(config.backend)
+    check_device(config.device)
     spec = model_spec(config.profile, config.model_path)
     if config.dataset_path is None and (default := profile_default(config.profile, "default_captions")) is not None:
         config.dataset_path = str(default)  # the profile's own validation set (the testbed's); run.json records it
@@ -198,8 +206,10 @@ def execute_run(config: RunConfig) -> RunRecord:
 
     if config.recipe and not config.encodings:
         _check_calibration_inputs(config, spec)
+    if config.encodings:
+        _check_encodings(config, spec)
     run_dir = Path(config.output)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir, config.overwrite)
     if latent.source.startswith("drawn"):
         save_latent(latent, run_dir / "latents.pt")
         config.latents = str(run_dir / "latents.pt")  # children load the saved tensor: the same bytes
@@ -232,11 +242,48 @@ def execute_run(config: RunConfig) -> RunRecord:
                 from .images import save_run_images
 
                 record.data["images"] = save_run_images(run_dir / "accuracy", spec.image_size, captions)
-    except KeyboardInterrupt:
-        record.finish("interrupted", "interrupted by the user (Ctrl-C)")
+    except KeyboardInterrupt as exc:
+        record.finish("interrupted", describe(exc))
         raise
     record.finish("completed")
     return record
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Make ``run_dir`` an empty, writable run directory, or fail in one line before any work.
+
+    A run directory holds one run: a second run into it would keep the first one's files (its
+    ``accuracy/`` log, say) beside the new ``run.json``, and later tools would mix the two. So a
+    non-empty directory is refused, and ``--overwrite`` clears only what is recognisably a run
+    directory (it holds a ``run.json``), never an arbitrary path given by mistake.
+    """
+    from sdxl.errors import UserError
+    from sdxl.io import check_writable_dir
+
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"--output {run_dir} is not empty (a run directory holds one run): pass --overwrite to "
+                            "replace the run there, or a new --output")
+        if not (run_dir / "run.json").is_file():
+            raise UserError(f"--output {run_dir} holds no run.json: --overwrite replaces a run directory only; "
+                            "not clearing it")
+        shutil.rmtree(run_dir)
+    check_writable_dir(run_dir, "--output")
+
+
+def _check_encodings(config: RunConfig, spec) -> None:
+    """``--encodings``: read, validated and matched to this model here, not in each test process after the build."""
+    from quant.encodings import Encodings, EncodingsError
+    from quant.fake_quant import check_fingerprint
+    from sdxl.errors import UserError
+
+    if config.backend == "null":
+        raise UserError("--encodings applies to model backends (torch, ort); the null backend runs no model")
+    try:
+        check_fingerprint(Encodings.load(config.encodings), spec, config.encodings,
+                          bool(config.backend_extra.get("allow_fingerprint_mismatch")))
+    except EncodingsError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _check_calibration_inputs(config: RunConfig, spec) -> None:
@@ -296,8 +343,12 @@ def _call_in_child(name: str, function, *args) -> dict[str, Any]:
         result = parent_end.recv() if parent_end.poll(None) else None
     except EOFError:
         result = None
-    except KeyboardInterrupt:
-        process.join(timeout=60)  # a LoadGen child aborts its SUT and lets LoadGen finish its logs
+    except KeyboardInterrupt as exc:
+        # Ctrl-C reaches the whole process group; a SIGTERM (timeout, a scheduler) only this process:
+        # pass it on, so the child aborts its SUT and LoadGen finishes its logs before we record the end
+        if isinstance(exc, Interrupted) and process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(timeout=60)
         raise
     process.join()
     if result is None:
@@ -322,11 +373,13 @@ def _child_context():
 
 def _child_main(function, args: tuple, conn) -> None:
     from sdxl import progress  # noqa: F401 -- tqdm's lock, before any bar (see sdxl.progress)
+    from sdxl.interrupts import describe, handle_termination, signal_name
 
+    handle_termination()
     try:
         result = function(*args)
-    except KeyboardInterrupt:
-        result = {"error": "interrupted"}
+    except KeyboardInterrupt as exc:
+        result = {"error": describe(exc), "interrupted": signal_name(exc)}
     except BaseException as exc:  # noqa: BLE001 -- reported to the parent, which fails the run
         from sdxl.errors import UserError
 

@@ -30,6 +30,7 @@ class RunConfig:
     max_batchsize: int = 1
     threads: int = 1
     output: str = ""
+    overwrite: bool = False  # replace the run already in ``output`` (only a directory holding a run.json)
     save_images: bool = False
     warmup: bool = True
     cache_dir: str = "build/cache"

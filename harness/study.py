@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from sdxl.arg_types import int_at_least
 from sdxl.errors import UserError
-from sdxl.io import format_table, write_json_atomic
+from sdxl.io import check_writable_dir, format_table, write_json_atomic
 
 FP32 = "fp32"  # the unquantized pseudo-recipe
 DEFAULT_RECIPES = "fp32,w8a16,w8a8,w8a8-qlinear,fp8,w4a8"
@@ -52,15 +53,15 @@ def register(subparsers) -> None:
     parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated; '{FP32}' is unquantized "
                                                                    f"(default {DEFAULT_RECIPES})")
     parser.add_argument("--backends", default="torch,ort", help="comma-separated (default torch,ort)")
-    parser.add_argument("--max-samples", type=int, default=100, help="captions per run (default 100)")
+    parser.add_argument("--max-samples", type=int_at_least(2), default=100, help="captions per run (default 100)")
     parser.add_argument("--mode", choices=("accuracy", "both"), default="accuracy",
                         help="LoadGen tests per run: accuracy, or both (an Offline performance test first; images/s "
                              "from it)")
-    parser.add_argument("--num-prompts", type=int, help="calibration prompts (default: each recipe's, else all)")
+    parser.add_argument("--num-prompts", type=int_at_least(1), help="calibration prompts (default: each recipe's, else all)")
     parser.add_argument("--dataset-path", help="captions TSV (default: the profile's)")
     parser.add_argument("--calibration-captions", help="calibration captions (default: the profile's)")
     parser.add_argument("--statistics-path", help="FID reference statistics")
-    parser.add_argument("--grid-captions", type=int, default=6, help="images per recipe in the grid (default 6)")
+    parser.add_argument("--grid-captions", type=int_at_least(0), default=6, help="images per recipe in the grid (default 6)")
     parser.add_argument("--cache-dir", default="build/cache")
     parser.add_argument("--output", help="study directory; re-running with the same one resumes in it "
                                           "(default results/<timestamp>-study-<profile>)")
@@ -90,10 +91,6 @@ def check_study_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             except EncodingsError as exc:
                 raise UserError(f"--recipes: {exc}") from None
     backends = [canonical_backend_name(b) for b in backends]
-    if args.max_samples < 2:
-        raise UserError(f"--max-samples must be >= 2 for FID and intervals (got {args.max_samples})")
-    if args.grid_captions < 0:
-        raise UserError(f"--grid-captions must be >= 0 (got {args.grid_captions})")
     return recipes, backends
 
 
@@ -146,7 +143,7 @@ def _claim(output: Path, args: argparse.Namespace) -> None:
                             "reused; pass a new --output")
     elif output.exists() and any(output.iterdir()):
         raise UserError(f"{output} exists and is not a study directory (no study-settings.json); pass a new --output")
-    output.mkdir(parents=True, exist_ok=True)
+    check_writable_dir(output, "--output")
     write_json_atomic(path, settings)
 
 
@@ -185,7 +182,7 @@ def _run(args: argparse.Namespace, row: StudyRow, encodings: str | None, referen
     modes = ("performance", "accuracy") if args.mode == "both" else ("accuracy",)
     config = RunConfig(profile=args.profile, model_path=args.model_path, backend=row.backend, encodings=encodings,
                        modes=modes, dataset_path=args.dataset_path, max_samples=args.max_samples,
-                       output=str(row.run_dir), cache_dir=args.cache_dir, statistics_path=args.statistics_path,
+                       output=str(row.run_dir), overwrite=True, cache_dir=args.cache_dir, statistics_path=args.statistics_path,
                        reference_run=str(reference) if reference else None)
     try:
         record = execute_run(config)

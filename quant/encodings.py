@@ -257,8 +257,10 @@ class Encodings:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise EncodingsError(f"encodings file {path} not found") from None
-        except json.JSONDecodeError as exc:
-            raise EncodingsError(f"{path} is not valid JSON: {exc}") from None
+        except IsADirectoryError:
+            raise EncodingsError(f"encodings file {path} is a directory") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EncodingsError(f"{path} is not valid JSON (truncated or not an encodings file): {exc}") from None
         return cls.from_json(data, str(path))
 
     @classmethod

@@ -232,14 +232,14 @@ def apply_to_components(components, encodings: Encodings, source: str,
     return applied
 
 
-def _check_fingerprint(encodings: Encodings, spec, source: str, allow_mismatch: bool) -> None:
+def check_fingerprint(encodings: Encodings, spec, source: str, allow_mismatch: bool) -> None:
     expected = encodings.model.get("fingerprint")
     if not expected:
         return
     actual = spec.fingerprint()
     if expected != actual:
         message = (f"{source} was calibrated for model {expected} but this is {actual} "
-                   f"(profile {spec.profile}); recalibrate, or pass allow_fingerprint_mismatch")
+                   f"(profile {spec.profile}): calibrate this model (./run.sh calibrate --profile {spec.profile} ...)")
         if not allow_mismatch:
             raise EncodingsError(message)
         log.warning(message)
@@ -284,6 +284,6 @@ def load_encodings_for(components, path: str | Path, allow_fingerprint_mismatch:
     """
     path = Path(path)
     encodings = Encodings.load(path)
-    _check_fingerprint(encodings, components.spec, str(path), allow_fingerprint_mismatch)
+    check_fingerprint(encodings, components.spec, str(path), allow_fingerprint_mismatch)
     load_weights_delta(components, encodings, path)
     return encodings

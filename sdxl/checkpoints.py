@@ -12,6 +12,7 @@ missing piece is a one-line error naming it and saying how to get the checkpoint
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -56,7 +57,32 @@ def resolve_checkpoint(model_path: str | Path | None) -> CheckpointLayout:
             missing.append(f"{(layout.pipe_dir / name).relative_to(root)}/{_WEIGHT_STEMS[name]}[.fp16].safetensors")
     if missing:
         raise ModelLoadError(f"{root} ({layout.kind} layout) lacks {', '.join(missing)}: {HOW_TO_GET_SDXL}")
+    for name in COMPONENT_NAMES:
+        _check_safetensors_header(layout.pipe_dir / name, name)
     return layout
+
+
+def _check_safetensors_header(directory: Path, component: str) -> None:
+    """Parse each weight file's header (a few KB, no tensor data): a corrupt or truncated file fails here, in the
+    parent, naming the file and safetensors' reason, instead of after the other components have loaded."""
+    from safetensors import safe_open
+
+    suffix = ".fp16" if _weight_variant(directory, component) == "fp16" else ""
+    single = directory / f"{_WEIGHT_STEMS[component]}{suffix}.safetensors"
+    if single.is_file():
+        files = [single]
+    else:  # sharded: the index names its shards
+        index = single.with_name(single.name + ".index.json")
+        try:
+            files = sorted({directory / shard for shard in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index}: not a readable safetensors index ({exc})") from None
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # noqa: BLE001 -- safetensors raises its own SafetensorError and OSErrors
+            raise ModelLoadError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
 def _required_files(layout: CheckpointLayout) -> list[Path]:
@@ -97,13 +123,22 @@ def load_checkpoint_components(spec: ModelSpec, dtype: torch.dtype, show_progres
     for name in progress(COMPONENT_NAMES, desc=f"loading SDXL from {layout.root}", disable=not show_progress):
         directory = layout.pipe_dir / name
         kwargs = {"use_safetensors": True, "variant": _weight_variant(directory, name)}
+        if name in ("unet", "vae"):  # diffusers warns on every load when its accelerate default cannot apply
+            kwargs["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
         dtype_key = "torch_dtype" if name in ("unet", "vae") else "dtype"
         try:
             module = classes[name].from_pretrained(directory, **{dtype_key: dtype}, **kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"cannot load {directory}: {exc}") from None
+            raise ModelLoadError(f"cannot load {directory}: {_root_cause(exc)}") from None
         modules[name] = module.eval().requires_grad_(False)
     return ModelComponents(spec, **modules)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error's message: diffusers wraps a bad file's reason in a generic 'Unable to load' one."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {exc}"
 
 
 def save_checkpoint(components: ModelComponents, tokenizers: tuple, scheduler_config: dict, directory: Path,

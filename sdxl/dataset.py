@@ -76,8 +76,11 @@ def read_captions_tsv(file: Path, columns: tuple[str, ...] = CAPTIONS_TSV_COLUMN
     """
     try:
         frame = pd.read_csv(file, sep="\t", dtype={"caption": str}, keep_default_na=False)
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+    except UnicodeDecodeError:
+        raise DatasetError(f"cannot read captions file {file}: {_first_non_utf8(file)}") from None
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DatasetError(f"cannot read captions file {file}: {exc}") from None
+    _check_row_count(file, frame)
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DatasetError(f"{file} lacks column(s) {', '.join(missing)}; expected the MLPerf TSV header "
@@ -88,6 +91,38 @@ def read_captions_tsv(file: Path, columns: tuple[str, ...] = CAPTIONS_TSV_COLUMN
     if empty:
         raise DatasetError(f"{file}: empty caption in row(s) {_rows(empty)} (qsl_idx)")
     return frame
+
+
+def _first_non_utf8(file: Path) -> str:
+    """Where a file stops being UTF-8, as line and column (pandas reports a byte offset in its buffer)."""
+    lines = file.read_bytes().split(b"\n")
+    header = lines[0].decode("utf-8", errors="replace").rstrip("\r").split("\t")
+    for number, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            field = line[:exc.start].count(b"\t")
+            name = header[field] if number > 1 and field < len(header) else f"field {field + 1}"
+            where = f"line {number}" + (f" (row {number - 2}, column {name})" if number > 1 else " (the header)")
+            return f"not UTF-8 at {where}, byte {exc.start + 1} of the line (0x{line[exc.start]:02x})"
+    return "not UTF-8"
+
+
+def _check_row_count(file: Path, frame: pd.DataFrame) -> None:
+    """Fail when the rows parsed are not the file's data lines: a quote swallowed a row separator.
+
+    pandas' default quoting stays (it is MLPerf's own read, and 8 of its 5000 captions are CSV-quoted),
+    but a caption that opens an unbalanced ``"`` silently merges the rows up to the next quote.
+    """
+    data_lines = sum(1 for line in file.read_bytes().split(b"\n")[1:] if line.strip())
+    if len(frame) == data_lines:
+        return
+    merged = frame.index[frame["caption"].astype(str).str.contains("[\n\t]", regex=True)].tolist()
+    where = ""
+    if merged:
+        line = 2 + merged[0] + int(frame["caption"].iloc[: merged[0]].astype(str).str.count("\n").sum())
+        where = f"; the caption of row {merged[0]} (line {line}) opens a quote that runs over a row separator"
+    raise DatasetError(f"{file}: {len(frame)} rows parsed from {data_lines} data lines{where}")
 
 
 def load_captions(path: str | Path | None = None, max_samples: int | None = None) -> CaptionSet:

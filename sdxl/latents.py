@@ -68,9 +68,16 @@ def _resolve_latent_file(path: Path) -> Path:
 def load_latent(path: str | Path, latent_size: int) -> Latent:
     """Load a ``latents.pt`` (tensor, safe ``weights_only`` load) and check it fits the profile."""
     file = _resolve_latent_file(Path(path))
-    tensor = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        tensor = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- torch raises many types here (UnpicklingError, RuntimeError, EOFError)
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never pass that on
+        raise LatentError(f"{file} is not a tensor file torch can load safely ({type(exc).__name__}); "
+                          "MLPerf's latents.pt is text_to_image/tools/latents.pt in mlcommons/inference") from None
     if not isinstance(tensor, torch.Tensor):
         raise LatentError(f"{file} holds a {type(tensor).__name__}, not a tensor")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise LatentError(f"{file} holds NaN or Inf values: every image would be black")
     expected = (1, LATENT_CHANNELS, latent_size, latent_size)
     if tuple(tensor.shape) != expected:
         raise LatentError(f"{file} has shape {tuple(tensor.shape)}; this profile needs {expected} "

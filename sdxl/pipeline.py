@@ -12,6 +12,7 @@ they accelerate and scenarios only change how prompts are batched.
 from __future__ import annotations
 
 import copy
+import threading
 
 import numpy as np
 import torch
@@ -58,6 +59,9 @@ class SDXLPipeline:
         self._scheduler = make_scheduler(spec.scheduler_config, steps)
         self._negative_ids = tuple(tokenize(tok, [NEGATIVE_PROMPT]) for tok in tokenizers)
         self._negative: dict[str, torch.Tensor] | None = None
+        #: images whose decoded pixels held NaN/Inf (they convert to black): a broken recipe or input
+        self.nonfinite_images = 0
+        self._count_lock = threading.Lock()
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -105,12 +109,19 @@ class SDXLPipeline:
         return latents
 
     def generate(self, ids_1: torch.Tensor, ids_2: torch.Tensor, latent: torch.Tensor,
-                 max_steps: int | None = None) -> np.ndarray:
+                 max_steps: int | None = None, step_callback=None) -> np.ndarray:
         """Token ids of ``N`` prompts and the shared latent -> ``(N, H, W, 3)`` uint8 images.
 
         ``max_steps`` (warm-up only) decodes a partly denoised latent: not an MLPerf image.
+        ``step_callback`` as :meth:`denoise`'s (the SUT's raises to abandon a batch on Ctrl-C/SIGTERM).
         """
         with torch.inference_mode():
             conditioning = self.conditioning(ids_1, ids_2)
-            latents = self.denoise(latent, conditioning, ids_1.shape[0], max_steps=max_steps)
-            return images_to_uint8(self.backend.decode(latents / self.backend.vae_scaling_factor), from_vae=True)
+            latents = self.denoise(latent, conditioning, ids_1.shape[0], step_callback=step_callback,
+                                   max_steps=max_steps)
+            decoded = self.backend.decode(latents / self.backend.vae_scaling_factor)
+            nonfinite = int((~torch.isfinite(decoded)).flatten(1).any(1).sum())
+            if nonfinite:
+                with self._count_lock:
+                    self.nonfinite_images += nonfinite
+            return images_to_uint8(decoded, from_vae=True)

@@ -52,6 +52,22 @@ def isa_summary() -> str:
     return platform.machine()
 
 
+def slow_dtype_warning(dtype: str, device: str) -> str | None:
+    """Why ``dtype`` on this CPU will be far slower than fp32 (measured here), or None.
+
+    torch emulates bf16 matmul without AVX512-BF16/AMX (~100x slower than fp32 on AVX2 EPYCs), and runs
+    fp16 through conversion kernels without AVX512-FP16/AMX-FP16 (3x slower than fp32 on the EPYCs).
+    """
+    if device != "cpu":
+        return None
+    if dtype == "bf16" and not native_bf16():
+        return "this CPU has no native bf16 (no AVX512-BF16/AMX): torch emulates bf16 matmul, ~100x slower than fp32"
+    if dtype == "fp16" and not {"avx512_fp16", "amx_fp16"} & cpu_flags():
+        return ("this CPU has no native fp16 (no AVX512-FP16/AMX-FP16): torch converts around each kernel, "
+                "~3x slower than fp32; fp16 is a GPU setting")
+    return None
+
+
 def native_bf16() -> bool:
     """True where torch runs bf16 matmul in hardware (AVX512-BF16 or AMX); elsewhere it is emulated."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
@@ -83,9 +99,9 @@ def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str | Non
 
 def system_description() -> dict:
     """The block recorded in every ``run.json`` and benchmark JSON."""
-    import torch
+    from .devices import gpu_names
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpu = ", ".join(gpu_names()) or None  # not torch.cuda.get_device_name: it would initialise CUDA before forks
     return {"cpu_model": cpu_model(), "cpu_isa": cpu_isa(), "isa": isa_summary(), "cpu_count": _cpu_count(),
             "threading": threading_settings(), "gpu": gpu, "platform": platform.platform(), "versions": package_versions(), "git_commit": git_commit()}
 

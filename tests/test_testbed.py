@@ -173,7 +173,7 @@ def test_study_resumes_and_reports_a_pair_that_cannot_run(small_study):
     (["--recipes", "fp32,nope"], "--recipes: recipe 'nope' is neither a file nor a built-in recipe"),
     (["--backends", "tensorrt9"], "tensorrt9"),
     (["--recipes", "w8a8,w8a8"], "--recipes names one twice"),
-    (["--max-samples", "1"], "--max-samples must be >= 2"),
+    (["--max-samples", "1"], "--max-samples: must be >= 2, got 1"),
 ])
 def test_study_bad_input_is_one_line_error_before_anything_runs(tmp_path, capsys, flags, message):
     from harness.cli import main
