@@ -8,6 +8,7 @@ built" is asserted, not inferred from a time.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import signal
@@ -354,3 +355,25 @@ def test_image_size_flag_reads_a_log_copied_away_from_its_run_json(tmp_path, cap
     assert "expected 3145728 (1024x1024x3 uint8)" in err and "--image-size N" in err
     assert main([*base, "--image-size", "64"]) == 0
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["psnr_db"]["identical_images"] == 3
+
+
+def test_loading_an_sdxl_checkpoint_without_accelerate_prints_no_install_accelerate_warning(
+        tmp_path, tiny_backend, tiny_tokenizers, tiny_spec):
+    import importlib.util
+
+    from sdxl.checkpoints import load_checkpoint_components, save_checkpoint
+    from sdxl.models import model_spec
+
+    if importlib.util.find_spec("accelerate") is not None:
+        pytest.skip("accelerate is installed: diffusers' low-memory path applies and never warns")
+    root = save_checkpoint(tiny_backend.components, tiny_tokenizers, tiny_spec.scheduler_config, tmp_path / "m",
+                           "diffusers")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("diffusers").addHandler(handler)  # diffusers' own handler does not propagate
+    try:
+        load_checkpoint_components(model_spec("sdxl", root), torch.float32, show_progress=False)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert not [m for m in records if "accelerate" in m], records
