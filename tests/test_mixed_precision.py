@@ -1,0 +1,69 @@
+"""ANNA's size-constrained choice of one scheme per module: the chain DP against brute force and greedy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration.mixed_precision.solver import Infeasible, Problem, brute_force, greedy, local_search, solve_dp
+
+
+def _random_problem(rng: np.random.Generator, n: int, options: int, integer_sizes: bool) -> Problem:
+    unary = [np.concatenate([[0.0], rng.gamma(1.0, 1.0, options - 1)]) for _ in range(n)]  # option 0: FP16
+    if integer_sizes:
+        size = [np.concatenate([[16], rng.integers(4, 12, options - 1)]) for _ in range(n)]
+    else:
+        size = [np.concatenate([[16.0], rng.uniform(4, 12, options - 1)]) for _ in range(n)]
+    pair = [rng.normal(0, 0.3, (options, options)) * np.outer(np.arange(options) > 0, np.arange(options) > 0)
+            for _ in range(n - 1)]  # interactions only between two quantized modules
+    return Problem(unary, size, pair)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dp_equals_brute_force_on_chains_of_up_to_eight_modules(seed):
+    rng = np.random.default_rng(seed)
+    n, options = int(rng.integers(2, 9)), int(rng.integers(2, 5))
+    problem = _random_problem(rng, n, options, integer_sizes=True)
+    smallest, largest = problem.smallest_size(), 16.0 * n
+    for budget in np.linspace(smallest, largest, 5).round():
+        budget = max(budget, np.ceil(smallest))
+        exact = brute_force(problem, budget)
+        found = solve_dp(problem, budget, resolution=int(budget))  # unit 1: integer sizes are exact
+        assert found.exact and found.size <= budget
+        assert found.cost == pytest.approx(exact.cost, abs=1e-9), (n, options, budget, found.choice, exact.choice)
+
+
+def test_dp_on_real_valued_sizes_stays_within_budget_and_near_the_optimum():
+    rng = np.random.default_rng(7)
+    problem = _random_problem(rng, 7, 4, integer_sizes=False)
+    budget = problem.smallest_size() + 20.0
+    exact = brute_force(problem, budget)
+    coarse, fine = solve_dp(problem, budget, resolution=50), solve_dp(problem, budget, resolution=20000)
+    assert not coarse.exact and coarse.size <= budget and coarse.cost >= exact.cost - 1e-9
+    assert fine.size <= budget and fine.cost == pytest.approx(exact.cost, abs=1e-9)
+
+
+def test_greedy_loses_to_the_dp_on_a_knapsack_it_cannot_see():
+    """Saving 5 of 14 size units: greedy flips the two best cost-per-size modules (7.2), the DP the one big one (5)."""
+    problem = Problem(unary=[[0, 5.0], [0, 3.6], [0, 3.6]], size=[[6, 1], [4, 0], [4, 0]], names=["A", "B", "C"])
+    assert greedy(problem, 9).choice == [0, 1, 1] and greedy(problem, 9).cost == pytest.approx(7.2)
+    dp = solve_dp(problem, 9, resolution=9)
+    assert dp.choice == [1, 0, 0] and dp.cost == pytest.approx(5.0) == brute_force(problem, 9).cost
+
+
+def test_non_consecutive_interactions_are_counted_and_local_search_reports_the_gap():
+    # module 0 and 2 interact badly when both quantized: the chain DP cannot see it, the full cost can
+    problem = Problem(unary=[[0, 1.0], [0, 3.0], [0, 1.0]], size=[[2, 1], [2, 1], [2, 1]],
+                      extra_pairs={(0, 2): np.array([[0, 0], [0, 10.0]])})
+    dp = solve_dp(problem, 4, resolution=4)
+    assert dp.choice == [1, 0, 1] and dp.cost == pytest.approx(12.0)  # the chain optimum, judged by every term
+    better = local_search(problem, 4, dp)
+    assert better.cost == pytest.approx(brute_force(problem, 4).cost) == pytest.approx(4.0)
+
+
+def test_a_budget_below_the_smallest_configuration_is_infeasible():
+    problem = Problem(unary=[[0, 1.0]], size=[[16, 8]])
+    with pytest.raises(Infeasible, match="below the smallest"):
+        solve_dp(problem, 7)
+    with pytest.raises(ValueError, match="equal 1-d shapes"):
+        Problem(unary=[[0, 1.0]], size=[[16]])
