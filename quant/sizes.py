@@ -25,13 +25,20 @@ def model_size(module: torch.nn.Module, entries: Mapping[str, Encoding | list[En
         if value is None:
             total_bits += 16 * param.numel()
             continue
-        enc = value[0] if isinstance(value, list) else value
         quantized += param.numel()
-        total_bits += enc.bits * param.numel() + enc.channels * (32 + (0 if enc.symmetric else enc.bits))
+        total_bits += weight_bits(param.numel(), value)
     size_bytes = total_bits / 8
     return {"parameters": params, "quantized_parameters": quantized, "bytes": int(round(size_bytes)),
             "fp16_bytes": 2 * params, "bits_per_parameter": round(total_bits / max(params, 1), 4),
             "percent_of_fp16": round(100.0 * size_bytes / max(2 * params, 1), 2)}
+
+
+def weight_bits(numel: int, value: Encoding | list[Encoding] | None) -> float:
+    """Bits a weight of ``numel`` elements takes: FP16 unquantized, else its width plus per-channel scales."""
+    if value is None:
+        return 16.0 * numel
+    enc = value[0] if isinstance(value, list) else value
+    return float(enc.bits * numel + enc.channels * (32 + (0 if enc.symmetric else enc.bits)))
 
 
 def total_size(sizes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

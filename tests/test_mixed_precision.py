@@ -67,3 +67,91 @@ def test_a_budget_below_the_smallest_configuration_is_infeasible():
         solve_dp(problem, 7)
     with pytest.raises(ValueError, match="equal 1-d shapes"):
         Problem(unary=[[0, 1.0]], size=[[16]])
+
+
+# -- sensitivity -----------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+from calibration.mixed_precision.sensitivity import group_of, measure_sensitivity  # noqa: E402
+from calibration.quantize import quantize  # noqa: E402
+
+
+class Chain(torch.nn.Module):
+    """Four Linears; ``outlier`` makes one channel of ``l2``'s input 100x larger without changing the function."""
+
+    def __init__(self, outlier: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.l3, self.l4 = (torch.nn.Linear(16, 16) for _ in range(4))
+        if outlier:
+            with torch.no_grad():
+                self.l1.weight[3] *= 100.0
+                self.l1.bias[3] *= 100.0
+                self.l2.weight[:, 3] /= 100.0
+
+    def forward(self, x):
+        return self.l4(torch.tanh(self.l3(self.l2(self.l1(x)))))
+
+
+def _data_loop(calls=None):
+    data = [torch.randn(32, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def loop(module):
+        for x in data:
+            if calls is not None:
+                calls.append(1)
+            module(x)
+    return loop
+
+
+def _schemes(model):
+    recipe = {"name": "w8a8-toy", "components": ["unet"], "types": ["Linear"],
+              "weights": {"dtype": "int8", "symmetric": True, "axis": 0, "observer": "minmax"},
+              "inputs": {"dtype": "uint8", "symmetric": False, "axis": None, "observer": "minmax"}}
+    four_bit = dict(recipe, name="w4a8-toy", weights=dict(recipe["weights"], dtype="int4"))
+    return {name: quantize(model, r, _data_loop(), component="unet", apply=False).components["unet"]
+            for name, r in (("w8a8", recipe), ("w4a8", four_bit))}
+
+
+def test_the_layer_made_to_matter_ranks_first_and_sizes_are_counted():
+    model = Chain(outlier=True).eval()
+    reference = model(torch.ones(1, 16))
+    sensitivity = measure_sensitivity(model, _schemes(model), _data_loop(), samples=4, pairs="same")
+    assert sensitivity.groups == ["l1", "l2", "l3", "l4"]  # execution order
+    assert [g for g, _ in sensitivity.ranking("w8a8")][0] == "l2"  # its per-tensor input range is 100x too wide
+    assert all(sensitivity.unary[g]["w4a8"]["mse"] > sensitivity.unary[g]["w8a8"]["mse"] for g in ("l1", "l3", "l4"))
+    assert torch.equal(model(torch.ones(1, 16)), reference)  # every weight restored, every hook removed
+    bits = sensitivity.bits["l1"]
+    assert bits["fp16"] == 16 * 256 and bits["w8a8"] == 8 * 256 + 16 * 32 and bits["w4a8"] == 4 * 256 + 16 * 32
+    problem = sensitivity.problem()
+    assert problem.n == 4 and problem.unary[1][1] == sensitivity.unary["l2"]["w8a8"]["mse"]
+    assert problem.pair[0][1, 1] == sensitivity.pairs["l1|l2"]["w8a8|w8a8"] and problem.pair[0][1, 2] == 0.0
+
+
+def test_a_killed_sensitivity_run_resumes_with_the_same_numbers(tmp_path):
+    model = Chain(outlier=True).eval()
+    schemes = _schemes(model)
+    whole = measure_sensitivity(model, schemes, _data_loop(), samples=4, pairs="all")
+    calls: list[int] = []
+
+    def dying_loop(module):
+        if len(calls) > 4 * 9:  # reference pass + a few measurements, then "killed"
+            raise KeyboardInterrupt
+        _data_loop(calls)(module)
+
+    with pytest.raises(KeyboardInterrupt):
+        measure_sensitivity(model, schemes, dying_loop, samples=4, pairs="all", cache=tmp_path / "s.json")
+    done_before = len(calls)
+    calls.clear()
+    resumed = measure_sensitivity(model, schemes, _data_loop(calls), samples=4, pairs="all", cache=tmp_path / "s.json")
+    assert resumed.unary == whole.unary and resumed.pairs == whole.pairs
+    everything = 4 * (1 + 4 * 2 + 3 * 4)  # samples x (reference + groups x schemes + pairs x scheme pairs)
+    assert len(calls) < everything <= done_before + len(calls)  # resumed from the cache, did not start over
+
+
+def test_attention_linears_group_with_their_module():
+    assert group_of("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == \
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    assert group_of("down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2") == \
+        "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"

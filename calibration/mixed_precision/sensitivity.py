@@ -1,0 +1,257 @@
+"""Per-module sensitivity: what quantizing one module group alone, under each scheme, does to the output.
+
+Seed 001 (ANNA) models the output MSE of a mixed configuration as a quadratic function of per-module
+choices; its coefficients are measured here, AIMET-AMP phase-1 style: for each candidate group
+(a Conv2d, a feed-forward Linear, or an attention module with all its linears) and each scheme
+(encodings already calibrated for the whole component by a recipe), quantize that group alone, feed
+the calibration samples, and compare the component's output with FP32 (MSE and SQNR). Interaction
+terms ``MSE(a and b) - MSE(a) - MSE(b)`` are measured for consecutive groups (execution order), the
+terms the chain DP of :mod:`.solver` is exact for.
+
+Like every method here it sees a module and a ``forward_loop`` callback, never the pipeline; the
+loop must feed the same data on every call (a capture's is deterministic). Each measurement is
+``samples`` forward passes of the whole module; results are cached in a JSON file after every group,
+so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from quant.encodings import Encoding, parse_key
+from quant.fake_quant import apply_encodings
+from quant.sizes import weight_bits
+from sdxl.io import write_json_atomic
+
+from .solver import Problem
+
+Entries = Mapping[str, Encoding | list[Encoding]]
+ForwardLoop = Callable[[torch.nn.Module], None]
+FP16 = "fp16"
+_ATTENTION = re.compile(r"^(.*\.attn\d+)\.")
+
+#: which consecutive-pair interactions to measure: none, same scheme on both groups, or every pair
+PAIR_MODES = ("none", "same", "all")
+
+
+def group_of(layer: str) -> str:
+    """ANNA's candidate unit: an attention module with its linears (FP8 attention kernels), else the layer."""
+    match = _ATTENTION.match(layer)
+    return match.group(1) if match else layer
+
+
+@dataclass
+class Sensitivity:
+    """Measured costs: ``unary[group][scheme]`` and ``pairs[(a, b)][(scheme_a, scheme_b)]`` in MSE."""
+
+    groups: list[str]
+    schemes: list[str]
+    unary: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # group -> scheme -> mse, sqnr_db
+    pairs: dict[str, dict[str, float]] = field(default_factory=dict)  # "a|b" -> "sa|sb" -> interaction
+    bits: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> option -> weight bits
+    reference_power: float = 0.0
+    seconds: float = 0.0
+    forward_passes: int = 0
+
+    def ranking(self, scheme: str) -> list[tuple[str, float]]:
+        """Groups by MSE under ``scheme``, most sensitive first."""
+        return sorted(((g, self.unary[g][scheme]["mse"]) for g in self.groups), key=lambda item: -item[1])
+
+    def problem(self) -> Problem:
+        """The solver's instance: options ``[fp16, *schemes]`` per group, in execution order."""
+        options = [FP16, *self.schemes]
+        unary = [[0.0] + [self.unary[g][s]["mse"] for s in self.schemes] for g in self.groups]
+        size = [[self.bits[g][o] for o in options] for g in self.groups]
+        pair = []
+        for a, b in zip(self.groups, self.groups[1:]):
+            measured = self.pairs.get(f"{a}|{b}", {})
+            matrix = np.zeros((len(options), len(options)))
+            for i, sa in enumerate(self.schemes, start=1):
+                for j, sb in enumerate(self.schemes, start=1):
+                    matrix[i, j] = measured.get(f"{sa}|{sb}", 0.0)
+            pair.append(matrix)
+        return Problem(unary, size, pair, names=list(self.groups))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"groups": self.groups, "schemes": self.schemes, "unary": self.unary, "pairs": self.pairs,
+                "bits": self.bits, "reference_power": self.reference_power, "seconds": self.seconds,
+                "forward_passes": self.forward_passes}
+
+
+def _root_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+
+
+class _Outputs:
+    """Runs the forward loop and keeps the root module's output of each call."""
+
+    def __init__(self, module: torch.nn.Module, forward_loop: ForwardLoop, samples: int):
+        self.module, self.forward_loop, self.samples = module, forward_loop, samples
+        self.passes = 0
+
+    def __call__(self) -> list[torch.Tensor]:
+        outputs: list[torch.Tensor] = []
+
+        class Enough(Exception):
+            pass
+
+        def keep(_module, _args, output):
+            outputs.append(_root_output(output).detach().float().clone())
+            if len(outputs) >= self.samples:
+                raise Enough
+
+        handle = self.module.register_forward_hook(keep)
+        try:
+            with torch.inference_mode():
+                self.forward_loop(self.module)
+        except Enough:
+            pass
+        finally:
+            handle.remove()
+        self.passes += len(outputs)
+        if not outputs:
+            raise ValueError("the forward loop fed no data to the module")
+        return outputs
+
+
+class _ExecutionOrder:
+    """Records, while active, the order in which the data first reaches each of ``layers``."""
+
+    def __init__(self, module: torch.nn.Module, layers: set[str]):
+        self.layers, self.order = layers, []
+        self.handles = [sub.register_forward_pre_hook(self._seen(name)) for name, sub in module.named_modules()
+                        if name in layers]
+
+    def _seen(self, name: str):
+        def hook(_module, _args):
+            if name not in self.order:
+                self.order.append(name)
+        return hook
+
+    def close(self) -> list[str]:
+        for handle in self.handles:
+            handle.remove()
+        return self.order + sorted(self.layers - set(self.order))  # layers the data never reaches last
+
+
+def _error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:
+    err = sum(float(((o - r) ** 2).sum()) for o, r in zip(outputs, reference))
+    power = sum(float((r ** 2).sum()) for r in reference)
+    count = sum(r.numel() for r in reference)
+    sqnr = float("inf") if err == 0 else 10.0 * np.log10(power / err)
+    return err / count, sqnr
+
+
+class _Quantized:
+    """Quantize ``layers`` of ``module`` with ``entries`` for the duration of a ``with`` block, then restore."""
+
+    def __init__(self, module: torch.nn.Module, entries: Entries, layers: list[str]):
+        self.module = module
+        keep = set(layers)
+        self.entries = {k: v for k, v in entries.items() if parse_key(k)[0] in keep}
+        self.saved = {name: sub.weight.detach().clone() for name, sub in module.named_modules()
+                      if name in keep and isinstance(getattr(sub, "weight", None), torch.Tensor)}
+
+    def __enter__(self):
+        self.handle = apply_encodings(self.module, self.entries, where="sensitivity")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+        modules = dict(self.module.named_modules())
+        with torch.no_grad():
+            for name, weight in self.saved.items():
+                modules[name].weight.copy_(weight)
+
+
+def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries], forward_loop: ForwardLoop, *,
+                        samples: int = 8, pairs: str = "same", cache: str | Path | None = None,
+                        groups: Mapping[str, list[str]] | None = None, progress=None) -> Sensitivity:
+    """Measure each group under each scheme alone (and consecutive pairs), against ``module`` in FP32.
+
+    ``schemes`` maps a name to the component's entries calibrated by that scheme's recipe (keys
+    relative to ``module``); a group is a candidate if any scheme quantizes one of its layers.
+    ``groups`` overrides :func:`group_of` (``{group: [layers]}``). ``progress`` wraps an iterable
+    (a bar). ``cache``: JSON file to resume from and write to.
+    """
+    if pairs not in PAIR_MODES:
+        raise ValueError(f"pairs must be one of {', '.join(PAIR_MODES)}, got {pairs!r}")
+    if not schemes:
+        raise ValueError("no schemes to measure")
+    started = time.time()
+    run = _Outputs(module, forward_loop, samples)
+    layers = {parse_key(k)[0] for entries in schemes.values() for k in entries}
+    if groups is None:
+        grouped: dict[str, list[str]] = {}
+        for layer in sorted(layers):
+            grouped.setdefault(group_of(layer), []).append(layer)
+    else:
+        grouped = {g: list(ls) for g, ls in groups.items()}
+    recorder = _ExecutionOrder(module, layers)
+    try:
+        reference = run()
+    finally:
+        order = recorder.close()
+    first_seen = {layer: i for i, layer in enumerate(order)}
+    group_names = sorted(grouped, key=lambda g: min(first_seen.get(layer, len(order)) for layer in grouped[g]))
+    names = list(schemes)
+
+    key = hashlib.sha256(json.dumps({"groups": grouped, "schemes": names, "samples": samples, "pairs": pairs,
+                                     "reference": [float(r.double().sum()) for r in reference]},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    state = Sensitivity(group_names, names, reference_power=sum(float((r ** 2).mean()) for r in reference) / len(reference))
+    cache_path = Path(cache) if cache else None
+    before_seconds = before_passes = 0
+    if cache_path is not None and cache_path.is_file():
+        saved = json.loads(cache_path.read_text())
+        if saved.get("key") == key:
+            state.unary, state.pairs = saved["unary"], saved["pairs"]
+            before_seconds, before_passes = saved.get("seconds", 0.0), saved.get("forward_passes", 0)
+
+    def save() -> None:
+        state.seconds = before_seconds + time.time() - started
+        state.forward_passes = before_passes + run.passes
+        if cache_path is not None:
+            write_json_atomic(cache_path, {"key": key, **state.to_json()})
+
+    params = {name: sub.weight.numel() for name, sub in module.named_modules()
+              if name in layers and isinstance(getattr(sub, "weight", None), torch.Tensor)}
+    for group in group_names:
+        state.bits[group] = {FP16: sum(16.0 * params.get(layer, 0) for layer in grouped[group])}
+        for scheme, entries in schemes.items():
+            state.bits[group][scheme] = sum(
+                weight_bits(params.get(layer, 0), entries.get(f"{layer}:weight[0]")) for layer in grouped[group])
+
+    iterate = progress or (lambda items, **_: items)
+    for index in iterate(range(len(group_names)), desc="sensitivity", total=len(group_names)):
+        group = group_names[index]
+        measured = state.unary.setdefault(group, {})
+        for scheme, entries in schemes.items():
+            if scheme in measured:
+                continue
+            with _Quantized(module, entries, grouped[group]):
+                mse, sqnr = _error(run(), reference)
+            measured[scheme] = {"mse": mse, "sqnr_db": sqnr}
+        if pairs != "none" and index > 0:
+            before = group_names[index - 1]
+            pair = state.pairs.setdefault(f"{before}|{group}", {})
+            for sa in names:
+                for sb in names:
+                    if (pairs == "same" and sa != sb) or f"{sa}|{sb}" in pair:
+                        continue
+                    with _Quantized(module, schemes[sa], grouped[before]), \
+                            _Quantized(module, schemes[sb], grouped[group]):
+                        both, _ = _error(run(), reference)
+                    pair[f"{sa}|{sb}"] = both - state.unary[before][sa]["mse"] - measured[sb]["mse"]
+        save()
+    save()
+    return state
