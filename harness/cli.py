@@ -18,7 +18,8 @@ from sdxl.errors import UserError
 from sdxl.interrupts import describe, exit_code, handle_termination
 
 COMMAND_MODULES = ("harness.run_command", "harness.compliance", "harness.submission", "harness.study",
-                   "testbed.commands", "calibration.commands", "accuracy.commands")
+                   "testbed.commands", "calibration.commands", "calibration.mixed_precision.commands",
+                   "accuracy.commands")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -28,7 +28,7 @@ def test_dp_equals_brute_force_on_chains_of_up_to_eight_modules(seed):
     for budget in np.linspace(smallest, largest, 5).round():
         budget = max(budget, np.ceil(smallest))
         exact = brute_force(problem, budget)
-        found = solve_dp(problem, budget, resolution=int(budget))  # unit 1: integer sizes are exact
+        found = solve_dp(problem, budget, unit=1.0)  # integer sizes on a unit grid: exact
         assert found.exact and found.size <= budget
         assert found.cost == pytest.approx(exact.cost, abs=1e-9), (n, options, budget, found.choice, exact.choice)
 
@@ -38,7 +38,7 @@ def test_dp_on_real_valued_sizes_stays_within_budget_and_near_the_optimum():
     problem = _random_problem(rng, 7, 4, integer_sizes=False)
     budget = problem.smallest_size() + 20.0
     exact = brute_force(problem, budget)
-    coarse, fine = solve_dp(problem, budget, resolution=50), solve_dp(problem, budget, resolution=20000)
+    coarse, fine = solve_dp(problem, budget, resolution=10), solve_dp(problem, budget, resolution=20000)
     assert not coarse.exact and coarse.size <= budget and coarse.cost >= exact.cost - 1e-9
     assert fine.size <= budget and fine.cost == pytest.approx(exact.cost, abs=1e-9)
 
@@ -47,7 +47,7 @@ def test_greedy_loses_to_the_dp_on_a_knapsack_it_cannot_see():
     """Saving 5 of 14 size units: greedy flips the two best cost-per-size modules (7.2), the DP the one big one (5)."""
     problem = Problem(unary=[[0, 5.0], [0, 3.6], [0, 3.6]], size=[[6, 1], [4, 0], [4, 0]], names=["A", "B", "C"])
     assert greedy(problem, 9).choice == [0, 1, 1] and greedy(problem, 9).cost == pytest.approx(7.2)
-    dp = solve_dp(problem, 9, resolution=9)
+    dp = solve_dp(problem, 9, unit=1.0)
     assert dp.choice == [1, 0, 0] and dp.cost == pytest.approx(5.0) == brute_force(problem, 9).cost
 
 
@@ -55,7 +55,7 @@ def test_non_consecutive_interactions_are_counted_and_local_search_reports_the_g
     # module 0 and 2 interact badly when both quantized: the chain DP cannot see it, the full cost can
     problem = Problem(unary=[[0, 1.0], [0, 3.0], [0, 1.0]], size=[[2, 1], [2, 1], [2, 1]],
                       extra_pairs={(0, 2): np.array([[0, 0], [0, 10.0]])})
-    dp = solve_dp(problem, 4, resolution=4)
+    dp = solve_dp(problem, 4, unit=1.0)
     assert dp.choice == [1, 0, 1] and dp.cost == pytest.approx(12.0)  # the chain optimum, judged by every term
     better = local_search(problem, 4, dp)
     assert better.cost == pytest.approx(brute_force(problem, 4).cost) == pytest.approx(4.0)
@@ -155,3 +155,22 @@ def test_attention_linears_group_with_their_module():
         "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
     assert group_of("down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2") == \
         "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
+
+
+def test_dp_at_the_budget_edges_of_real_valued_sizes():
+    """At exactly the all-FP16 size the optimum is at most all-FP16's 0; a hair above the all-smallest size is feasible."""
+    rng = np.random.default_rng(3)
+    problem = _random_problem(rng, 40, 4, integer_sizes=False)
+    everything = float(sum(s.max() for s in problem.size))
+    top = solve_dp(problem, everything)
+    assert top.cost <= 1e-12 and top.size <= everything  # all FP16 costs 0; negative interactions may beat it
+    tight = solve_dp(problem, problem.smallest_size() * 1.001)
+    assert tight.size <= problem.smallest_size() * 1.001 and tight.cost <= problem.cost(
+        [int(np.argmin(s)) for s in problem.size]) + 1e-12
+
+
+def test_greedy_keeps_everything_fp16_when_the_budget_allows_and_costs_are_tiny():
+    """Sizes in bits dwarf MSEs: the starting point must compare costs first, not a size-weighted sum."""
+    problem = Problem(unary=[[0, 1e-9], [0, 2e-9]], size=[[1.6e6, 8e5], [1.6e6, 8e5]])
+    assert greedy(problem, 3.2e6).choice == [0, 0]
+    assert greedy(problem, 2.4e6).choice == [1, 0]

@@ -55,6 +55,7 @@ class Sensitivity:
 
     groups: list[str]
     schemes: list[str]
+    layers: dict[str, list[str]] = field(default_factory=dict)  # group -> its quantized layers
     unary: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # group -> scheme -> mse, sqnr_db
     pairs: dict[str, dict[str, float]] = field(default_factory=dict)  # "a|b" -> "sa|sb" -> interaction
     bits: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> option -> weight bits
@@ -82,7 +83,7 @@ class Sensitivity:
         return Problem(unary, size, pair, names=list(self.groups))
 
     def to_json(self) -> dict[str, Any]:
-        return {"groups": self.groups, "schemes": self.schemes, "unary": self.unary, "pairs": self.pairs,
+        return {"groups": self.groups, "schemes": self.schemes, "layers": self.layers, "unary": self.unary, "pairs": self.pairs,
                 "bits": self.bits, "reference_power": self.reference_power, "seconds": self.seconds,
                 "forward_passes": self.forward_passes}
 
@@ -91,7 +92,7 @@ def _root_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
 
 
-class _Outputs:
+class OutputRecorder:
     """Runs the forward loop and keeps the root module's output of each call."""
 
     def __init__(self, module: torch.nn.Module, forward_loop: ForwardLoop, samples: int):
@@ -143,7 +144,7 @@ class _ExecutionOrder:
         return self.order + sorted(self.layers - set(self.order))  # layers the data never reaches last
 
 
-def _error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:
+def output_error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[float, float]:
     err = sum(float(((o - r) ** 2).sum()) for o, r in zip(outputs, reference))
     power = sum(float((r ** 2).sum()) for r in reference)
     count = sum(r.numel() for r in reference)
@@ -151,7 +152,7 @@ def _error(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> tuple[
     return err / count, sqnr
 
 
-class _Quantized:
+class QuantizedLayers:
     """Quantize ``layers`` of ``module`` with ``entries`` for the duration of a ``with`` block, then restore."""
 
     def __init__(self, module: torch.nn.Module, entries: Entries, layers: list[str]):
@@ -188,7 +189,7 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
     if not schemes:
         raise ValueError("no schemes to measure")
     started = time.time()
-    run = _Outputs(module, forward_loop, samples)
+    run = OutputRecorder(module, forward_loop, samples)
     layers = {parse_key(k)[0] for entries in schemes.values() for k in entries}
     if groups is None:
         grouped: dict[str, list[str]] = {}
@@ -208,7 +209,7 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
     key = hashlib.sha256(json.dumps({"groups": grouped, "schemes": names, "samples": samples, "pairs": pairs,
                                      "reference": [float(r.double().sum()) for r in reference]},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    state = Sensitivity(group_names, names, reference_power=sum(float((r ** 2).mean()) for r in reference) / len(reference))
+    state = Sensitivity(group_names, names, {g: grouped[g] for g in group_names}, reference_power=sum(float((r ** 2).mean()) for r in reference) / len(reference))
     cache_path = Path(cache) if cache else None
     before_seconds = before_passes = 0
     if cache_path is not None and cache_path.is_file():
@@ -238,8 +239,8 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
         for scheme, entries in schemes.items():
             if scheme in measured:
                 continue
-            with _Quantized(module, entries, grouped[group]):
-                mse, sqnr = _error(run(), reference)
+            with QuantizedLayers(module, entries, grouped[group]):
+                mse, sqnr = output_error(run(), reference)
             measured[scheme] = {"mse": mse, "sqnr_db": sqnr}
         if pairs != "none" and index > 0:
             before = group_names[index - 1]
@@ -248,9 +249,9 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
                 for sb in names:
                     if (pairs == "same" and sa != sb) or f"{sa}|{sb}" in pair:
                         continue
-                    with _Quantized(module, schemes[sa], grouped[before]), \
-                            _Quantized(module, schemes[sb], grouped[group]):
-                        both, _ = _error(run(), reference)
+                    with QuantizedLayers(module, schemes[sa], grouped[before]), \
+                            QuantizedLayers(module, schemes[sb], grouped[group]):
+                        both, _ = output_error(run(), reference)
                     pair[f"{sa}|{sb}"] = both - state.unary[before][sa]["mse"] - measured[sb]["mse"]
         save()
     save()

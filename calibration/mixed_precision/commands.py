@@ -1,0 +1,253 @@
+"""``sensitivity`` and ``mixed-precision``: seed 001's search for the smallest UNet that stays close to FP32.
+
+``sensitivity`` calibrates each scheme (recipe) on the UNet once, then measures every candidate group
+under every scheme alone (and consecutive pairs): ``<output>/sensitivity.json`` (the cache a killed
+run resumes from) and ``sensitivity.csv``. ``mixed-precision`` reuses it, sweeps size budgets (% of
+FP16), solves each with the DP (and the greedy and random-FP16 baselines), measures every configuration
+(output MSE/SQNR vs FP32 on the calibration samples), and writes ``mixed_precision.{json,md}``, the
+Pareto plot and the DP configurations as encodings files every backend loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sdxl.arg_types import int_at_least
+from sdxl.errors import UserError
+from sdxl.io import check_writable_dir, format_table, write_json_atomic
+
+ANNA_SCHEMES = "fp8,fp8-p5-95,fp8-p10-90"
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    from sdxl.models import PROFILES
+
+    parser.add_argument("--profile", default="testbed", choices=PROFILES)
+    parser.add_argument("--model-path", help="SDXL checkpoint directory (profile sdxl)")
+    parser.add_argument("--schemes", default=ANNA_SCHEMES,
+                        help=f"comma-separated UNet recipes to choose among (default ANNA's: {ANNA_SCHEMES})")
+    parser.add_argument("--calibration-captions", help="calibration captions (default: the profile's)")
+    parser.add_argument("--num-prompts", type=int_at_least(1), default=8, help="calibration prompts (default 8)")
+    parser.add_argument("--timesteps", help="captured steps: all | uniform:K | list:... (default: the first scheme's)")
+    parser.add_argument("--samples", type=int_at_least(1), default=8,
+                        help="UNet calls (CFG batches) each measurement runs (default 8)")
+    parser.add_argument("--pairs", default="same", choices=("none", "same", "all"),
+                        help="consecutive-group interactions to measure: none, same scheme on both (default), all")
+    parser.add_argument("--output", required=True, help="directory (sensitivity.json resumes in it)")
+    parser.add_argument("--cache-dir", default="build/cache", help="calibration data cache")
+
+
+def register(subparsers) -> None:
+    sens = subparsers.add_parser("sensitivity", help="per-module sensitivity of the UNet to each scheme (seed 001)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(sens)
+    sens.set_defaults(func=run_sensitivity)
+    mixed = subparsers.add_parser("mixed-precision", help="ANNA's size-constrained mixed precision by DP, swept",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(mixed)
+    mixed.add_argument("--percents", help="size budgets, % of FP16, comma-separated (default: the all-quantized "
+                                          "size +0.1, +1, then +10-point steps to 100)")
+    mixed.add_argument("--baseline", help="the uniform scheme the budgets grow from (default: the first scheme)")
+    mixed.add_argument("--target-sqnr", type=float, help="report the smallest DP configuration whose measured "
+                                                         "output SQNR reaches this (dB)")
+    mixed.add_argument("--random-draws", type=int_at_least(0), default=5,
+                       help="random-FP16 baselines per budget (default 5)")
+    mixed.set_defaults(func=run_mixed_precision)
+
+
+def _schemes(args: argparse.Namespace) -> list[str]:
+    from calibration.recipes import load_recipe
+    from quant.encodings import EncodingsError
+
+    names = [n.strip() for n in args.schemes.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise UserError(f"--schemes needs distinct recipe names (got {args.schemes!r})")
+    for name in names:
+        try:
+            recipe = load_recipe(name)
+        except EncodingsError as exc:
+            raise UserError(f"--schemes: {exc}") from None
+        if recipe.components != ("unet",) or recipe.methods:
+            raise UserError(f"--schemes: {name} must quantize the UNet only and run no methods (a scheme is "
+                            "one PTQ variant; methods change weights the other schemes share)")
+    return names
+
+
+def prepare(args: argparse.Namespace):
+    """Load the FP32 model, capture, calibrate each scheme; the UNet, its schemes' entries and its forward loop."""
+    from calibration.capture import CalibrationDataError
+    from calibration.pipeline_calibration import calibrate_components, capture_for, forward_loop_for
+    from calibration.recipes import load_recipe
+    from quant.encodings import EncodingsError
+    from sdxl.models import load_components, model_spec
+    from sdxl.progress import progress_enabled
+
+    names = _schemes(args)
+    output = Path(args.output)
+    check_writable_dir(output, "--output")
+    spec = model_spec(args.profile, args.model_path)
+    components = load_components(spec)
+    try:
+        data = capture_for(components, load_recipe(names[0]), args.calibration_captions, args.num_prompts,
+                           args.timesteps, args.cache_dir, free_text_encoders=True, show_progress=progress_enabled())
+        schemes = {name: calibrate_components(components, name, apply=False, data=data,
+                                              show_progress=False).components["unet"] for name in names}
+    except (EncodingsError, CalibrationDataError) as exc:
+        raise UserError(str(exc)) from None
+    return spec, components.unet, schemes, forward_loop_for("unet", data, components), data
+
+
+def _measure(args, unet, schemes, loop):
+    from sdxl.progress import progress
+
+    from .sensitivity import measure_sensitivity
+
+    return measure_sensitivity(unet, schemes, loop, samples=args.samples, pairs=args.pairs,
+                               cache=Path(args.output) / "sensitivity.json", progress=progress)
+
+
+def run_sensitivity(args: argparse.Namespace) -> int:
+    _, unet, schemes, loop, _ = prepare(args)
+    sensitivity = _measure(args, unet, schemes, loop)
+    output = Path(args.output)
+    with open(output / "sensitivity.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["group", "scheme", "mse", "sqnr_db", "bits"])
+        for group in sensitivity.groups:
+            for scheme in sensitivity.schemes:
+                cell = sensitivity.unary[group][scheme]
+                writer.writerow([group, scheme, f"{cell['mse']:.6g}", f"{cell['sqnr_db']:.3f}",
+                                 sensitivity.bits[group][scheme]])
+    first = sensitivity.schemes[0]
+    rows = [[g, f"{sensitivity.unary[g][first]['sqnr_db']:.2f}", f"{mse:.3g}"]
+            for g, mse in sensitivity.ranking(first)[:10]]
+    print(f"most sensitive groups under {first} (of {len(sensitivity.groups)}; output SQNR with that group alone "
+          "quantized):")
+    print(format_table(["group", "SQNR dB", "MSE"], rows))
+    print(f"{sensitivity.forward_passes} UNet calls, {sensitivity.seconds:.1f} s; wrote {output / 'sensitivity.json'} "
+          f"and {output / 'sensitivity.csv'}")
+    return 0
+
+
+def _percents(args: argparse.Namespace, smallest: float) -> list[float]:
+    if args.percents:
+        try:
+            return [float(p) for p in args.percents.split(",")]
+        except ValueError:
+            raise UserError(f"--percents takes numbers (got {args.percents!r})") from None
+    steps = [smallest + 0.1, smallest + 1.0] + [float(p) for p in range(int(smallest // 10 + 1) * 10, 101, 10)]
+    return [round(p, 4) for p in sorted(set(steps)) if p <= 100.0]
+
+
+def run_mixed_precision(args: argparse.Namespace) -> int:
+    from quant.encodings import Encodings
+    from quant.sizes import model_size
+
+    from .search import SizeModel, configuration_entries, measure_configuration, rank_correlation, sweep
+    from .sensitivity import OutputRecorder
+
+    started = time.time()
+    if args.baseline and args.baseline not in _schemes(args):
+        raise UserError(f"--baseline {args.baseline} is not one of --schemes")
+    spec, unet, schemes, loop, data = prepare(args)
+    sensitivity = _measure(args, unet, schemes, loop)
+    sizes = SizeModel(unet, sensitivity)
+    baseline = args.baseline or sensitivity.schemes[0]
+    smallest = sizes.percent(sum(min(b.values()) for b in sensitivity.bits.values()))
+    points = sweep(sensitivity, sizes, _percents(args, smallest), baseline, args.random_draws)
+    reference = OutputRecorder(unet, loop, args.samples)()
+    output = Path(args.output)
+    (output / "encodings").mkdir(exist_ok=True)
+    for point in points:
+        entries = configuration_entries(point.choice, schemes, sensitivity.layers)
+        point.measured_mse, point.measured_sqnr_db = measure_configuration(unet, entries, loop, args.samples, reference)
+        if point.method == "dp":
+            encodings = Encodings(components={"unet": entries},
+                                  recipe={"name": f"mixed-precision-{point.label}", "schemes": sensitivity.schemes,
+                                          "fp16_groups": point.fp16_groups},
+                                  model={"profile": spec.profile, "fingerprint": spec.fingerprint()},
+                                  calibration={"captions": data.manifest["captions"],
+                                               "num_prompts": data.manifest["num_prompts"],
+                                               "timesteps": data.manifest["timesteps"]},
+                                  size={"unet": model_size(unet, entries)})
+            encodings.save(output / "encodings" / f"dp-{point.label.rstrip('%')}.json")
+    dp = [p for p in points if p.method == "dp"]
+    result: dict[str, Any] = {
+        "mixed_precision_json_version": 1, "profile": spec.profile, "schemes": sensitivity.schemes,
+        "baseline": baseline, "samples": args.samples, "pairs": args.pairs,
+        "sensitivity": {"groups": len(sensitivity.groups), "unet_calls": sensitivity.forward_passes,
+                        "seconds": round(sensitivity.seconds, 1)},
+        "rank_correlation_dp": rank_correlation([p.predicted_mse for p in dp], [p.measured_mse for p in dp]),
+        "rank_correlation_all": rank_correlation([p.predicted_mse for p in points], [p.measured_mse for p in points]),
+        "points": [p.to_json() for p in points], "seconds": round(time.time() - started, 1)}
+    if args.target_sqnr is not None:
+        meeting = [p for p in dp if p.measured_sqnr_db is not None and p.measured_sqnr_db >= args.target_sqnr]
+        result["target"] = {"sqnr_db": args.target_sqnr,
+                            "smallest": min(meeting, key=lambda p: p.percent_of_fp16).to_json() if meeting else None}
+    write_json_atomic(output / "mixed_precision.json", result)
+    _write_table(output, points, result)
+    _write_plot(output / "pareto.png", points)
+    print((output / "mixed_precision.md").read_text())
+    sys.stdout.flush()
+    return 0
+
+
+def _write_table(output: Path, points, result: dict) -> None:
+    rows = []
+    for label in dict.fromkeys(p.label for p in points):
+        group = [p for p in points if p.label == label]
+        randoms = [p for p in group if p.method.startswith("random")]
+        for p in group:
+            if p.method.startswith("random"):
+                continue
+            rows.append([label, p.method, f"{p.percent_of_fp16:.2f}", len(p.fp16_groups), f"{p.predicted_mse:.3g}",
+                         f"{p.measured_mse:.3g}", f"{p.measured_sqnr_db:.2f}"])
+        if randoms:
+            sqnr = [p.measured_sqnr_db for p in randoms]
+            rows.append([label, f"random FP16 x{len(randoms)}", f"{sum(p.percent_of_fp16 for p in randoms) / len(randoms):.2f}",
+                         len(randoms[0].fp16_groups), "-", f"{sum(p.measured_mse for p in randoms) / len(randoms):.3g}",
+                         f"{sum(sqnr) / len(sqnr):.2f} (min {min(sqnr):.2f})"])
+    table = format_table(["budget", "method", "% of FP16", "FP16 groups", "predicted MSE", "measured MSE",
+                          "output SQNR dB"], rows, markdown=True)
+    rho = result["rank_correlation_dp"]
+    lines = [f"# Mixed precision: {', '.join(result['schemes'])} (profile {result['profile']})", "",
+             f"{result['sensitivity']['groups']} candidate groups; sensitivity {result['sensitivity']['unet_calls']} UNet "
+             f"calls in {result['sensitivity']['seconds']} s; {result['samples']} samples per measurement.", "", table, "",
+             f"Rank correlation, predicted vs measured MSE over the DP sweep: {rho:.3f}" if rho is not None else
+             "Rank correlation: too few distinct points"]
+    if "target" in result:
+        best = result["target"]["smallest"]
+        lines.append(f"Smallest DP configuration with output SQNR >= {result['target']['sqnr_db']} dB: " +
+                     (f"{best['label']} ({best['percent_of_fp16']:.2f}% of FP16, {len(best['fp16_groups'])} groups FP16)"
+                      if best else "none in the sweep"))
+    (output / "mixed_precision.md").write_text("\n".join(lines) + "\n")
+
+
+def _write_plot(path: Path, points) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    styles = {"dp": ("tab:blue", "o", "DP"), "greedy": ("tab:orange", "s", "greedy"), "uniform": ("black", "*", "uniform")}
+    for method, (colour, marker, label) in styles.items():
+        chosen = [p for p in points if p.method == method]
+        axis.plot([p.percent_of_fp16 for p in chosen], [p.measured_sqnr_db for p in chosen], marker=marker,
+                  color=colour, linestyle="-" if method == "dp" else "none", label=label)
+    randoms = [p for p in points if p.method.startswith("random")]
+    if randoms:
+        axis.scatter([p.percent_of_fp16 for p in randoms], [p.measured_sqnr_db for p in randoms], s=12,
+                     color="tab:gray", label="random FP16 (same count)")
+    axis.set_xlabel("UNet size, % of FP16")
+    axis.set_ylabel("UNet output SQNR vs FP32 (dB)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,149 @@
+"""From a sensitivity table to configurations: the size sweep, DP vs greedy vs random, measured fidelity.
+
+A configuration picks, per candidate group, FP16 or one scheme; its encodings are the chosen scheme's
+entries for that group's layers (every scheme was calibrated on the same data, so an entry does not
+depend on the other groups' choices: activation ranges are observed on FP32 activations, as ANNA's
+PTQ does). Sizes are percent of the component's FP16 size: the groups' weight bits as chosen plus
+every other parameter (biases, norms, excluded layers) at 16 bits, as :mod:`quant.sizes` counts.
+Measured fidelity re-runs the forward loop with the configuration applied: the check on the
+quadratic model's prediction.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from quant.encodings import parse_key
+
+from .sensitivity import FP16, Entries, ForwardLoop, OutputRecorder, QuantizedLayers, Sensitivity, output_error
+from .solver import Infeasible, Problem, Solution, greedy, solve_dp
+
+
+@dataclass
+class Configuration:
+    """One point of the sweep: the choice, its size, predicted and (once measured) real error."""
+
+    label: str
+    method: str
+    choice: dict[str, str]  # group -> "fp16" or a scheme name
+    percent_of_fp16: float
+    predicted_mse: float
+    measured_mse: float | None = None
+    measured_sqnr_db: float | None = None
+
+    @property
+    def fp16_groups(self) -> list[str]:
+        return [g for g, option in self.choice.items() if option == FP16]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"label": self.label, "method": self.method, "percent_of_fp16": self.percent_of_fp16,
+                "predicted_mse": self.predicted_mse, "measured_mse": self.measured_mse,
+                "measured_sqnr_db": self.measured_sqnr_db, "fp16_groups": self.fp16_groups, "choice": self.choice}
+
+
+class SizeModel:
+    """Percent of the component's FP16 size for a choice of options (the solver works in bits)."""
+
+    def __init__(self, module: torch.nn.Module, sensitivity: Sensitivity):
+        total_params = sum(p.numel() for p in module.parameters())
+        self.fp16_bits = 16.0 * total_params
+        group_fp16 = sum(sensitivity.bits[g][FP16] for g in sensitivity.groups)
+        self.fixed_bits = self.fp16_bits - group_fp16  # every parameter outside the candidate groups' weights
+
+    def percent(self, group_bits: float) -> float:
+        return 100.0 * (self.fixed_bits + group_bits) / self.fp16_bits
+
+    def group_budget(self, percent: float) -> float:
+        return percent / 100.0 * self.fp16_bits - self.fixed_bits
+
+
+def configuration_entries(choice: Mapping[str, str], schemes: Mapping[str, Entries],
+                          group_layers: Mapping[str, list[str]]) -> dict[str, Any]:
+    """The component's encodings entries for a choice: each group's layers from its scheme, FP16 ones absent."""
+    layer_group = {layer: g for g, layers in group_layers.items() for layer in layers}
+    entries: dict[str, Any] = {}
+    for scheme, scheme_entries in schemes.items():
+        for key, value in scheme_entries.items():
+            group = layer_group.get(parse_key(key)[0])
+            if group is not None and choice.get(group) == scheme:
+                entries[key] = value
+    return entries
+
+
+def measure_configuration(module: torch.nn.Module, entries: Entries, forward_loop: ForwardLoop, samples: int,
+                          reference: list[torch.Tensor]) -> tuple[float, float]:
+    """Output MSE and SQNR of ``module`` with ``entries`` applied, against ``reference``; weights restored."""
+    with QuantizedLayers(module, entries, sorted({parse_key(k)[0] for k in entries})):
+        return output_error(OutputRecorder(module, forward_loop, samples)(), reference)
+
+
+def _as_configuration(label: str, solution: Solution, sensitivity: Sensitivity, sizes: SizeModel) -> Configuration:
+    options = [FP16, *sensitivity.schemes]
+    choice = {g: options[j] for g, j in zip(sensitivity.groups, solution.choice)}
+    return Configuration(label, solution.method, choice, round(sizes.percent(solution.size), 4), solution.cost)
+
+
+def random_fp16(problem: Problem, sensitivity: Sensitivity, scheme: str, keep: int, seed: int) -> Solution:
+    """``keep`` groups drawn at random in FP16, the rest on ``scheme``: the baseline the DP must beat."""
+    index = sensitivity.schemes.index(scheme) + 1
+    chosen = set(random.Random(seed).sample(range(problem.n), keep))
+    choice = [0 if i in chosen else index for i in range(problem.n)]
+    return Solution(choice, problem.cost(choice), problem.total_size(choice), f"random-fp16 (seed {seed})")
+
+
+def sweep(sensitivity: Sensitivity, sizes: SizeModel, percents: list[float], baseline_scheme: str,
+          random_draws: int = 5, resolution: int = 4000) -> list[Configuration]:
+    """For each size budget (% of FP16): the DP optimum, the greedy one, and random-FP16 draws of equal count.
+
+    Also the all-``baseline_scheme`` configuration (every group quantized): the point the budgets grow from.
+    """
+    problem = sensitivity.problem()
+    index = sensitivity.schemes.index(baseline_scheme) + 1
+    uniform = [index] * problem.n
+    points = [_as_configuration(f"all {baseline_scheme}", Solution(uniform, problem.cost(uniform),
+                                                                    problem.total_size(uniform), "uniform"),
+                                sensitivity, sizes)]
+    for percent in percents:
+        budget = sizes.group_budget(percent)
+        try:
+            dp = solve_dp(problem, budget, resolution)
+        except Infeasible:
+            continue
+        label = f"{percent:g}%"
+        points.append(_as_configuration(label, dp, sensitivity, sizes))
+        points.append(_as_configuration(label, greedy(problem, budget), sensitivity, sizes))
+        keep = sum(1 for j in dp.choice if j == 0)
+        if 0 < keep < problem.n:
+            for seed in range(random_draws):
+                points.append(_as_configuration(label, random_fp16(problem, sensitivity, baseline_scheme, keep, seed),
+                                                sensitivity, sizes))
+    return points
+
+
+def rank_correlation(predicted: list[float], measured: list[float]) -> float | None:
+    """Spearman's rho (average ranks for ties); None with fewer than 3 points or no spread."""
+    if len(predicted) < 3:
+        return None
+
+    def ranks(values: list[float]) -> np.ndarray:
+        order = np.argsort(values, kind="mergesort")
+        out = np.empty(len(values))
+        sorted_values = np.asarray(values)[order]
+        i = 0
+        while i < len(values):
+            j = i
+            while j + 1 < len(values) and sorted_values[j + 1] == sorted_values[i]:
+                j += 1
+            out[order[i:j + 1]] = (i + j) / 2.0
+            i = j + 1
+        return out
+
+    a, b = ranks(predicted), ranks(measured)
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
