@@ -174,3 +174,39 @@ def test_greedy_keeps_everything_fp16_when_the_budget_allows_and_costs_are_tiny(
     problem = Problem(unary=[[0, 1e-9], [0, 2e-9]], size=[[1.6e6, 8e5], [1.6e6, 8e5]])
     assert greedy(problem, 3.2e6).choice == [0, 0]
     assert greedy(problem, 2.4e6).choice == [1, 0]
+
+
+# -- seed 003: block-progressive analysis ------------------------------------------------------------
+
+from calibration.mixed_precision.blocks import block_progressive, hybrid_recipe, top_level_block  # noqa: E402
+
+
+class TimedChain(Chain):
+    def forward(self, x, timestep):
+        return super().forward(x * (1.0 + float(timestep) / 1000.0))
+
+
+def test_block_progressive_finds_the_outlier_block_and_the_hybrid_recipe_keeps_it_high():
+    model = TimedChain(outlier=True).eval()
+    data = [(torch.randn(32, 16, generator=torch.Generator().manual_seed(i)), t) for i, t in
+            enumerate((999, 999, 501, 501))]
+
+    def loop(module):
+        for x, t in data:
+            module(x, timestep=torch.tensor(t))
+
+    recipe = {"name": "w8a8-toy", "components": ["unet"], "types": ["Linear"],
+              "weights": {"dtype": "int8", "symmetric": True, "axis": 0, "observer": "minmax"},
+              "inputs": {"dtype": "uint8", "symmetric": False, "axis": None, "observer": "minmax"}}
+    entries = quantize(model, recipe, loop, component="unet", apply=False).components["unet"]
+    analysis = block_progressive(model, entries, loop, samples=4)
+    assert analysis.blocks == ["l1", "l2", "l3", "l4"] and analysis.timesteps == [999, 501]
+    assert analysis.sensitive(0.5) == ["l2"] and sum(analysis.noise_share) == pytest.approx(1.0)
+    assert analysis.cumulative_db[1][0] < analysis.cumulative_db[0][0]  # adding the outlier block costs SQNR
+    hybrid = hybrid_recipe(recipe, analysis.sensitive(0.5), "fp16")
+    from calibration.recipes import load_recipe
+
+    plans, excluded = load_recipe(hybrid).plan(model)
+    assert excluded == ["l2"] and [p.name for p in plans] == ["l1", "l3", "l4"]
+    assert top_level_block("down_blocks.1.attentions.0.proj_in") == "down_blocks.1"
+    assert top_level_block("mid_block.resnets.0.conv1") == "mid_block" and top_level_block("conv_in") == "conv_in"

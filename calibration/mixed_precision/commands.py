@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sdxl.arg_types import int_at_least
 from sdxl.errors import UserError
 from sdxl.io import check_writable_dir, format_table, write_json_atomic
@@ -24,21 +26,23 @@ from sdxl.io import check_writable_dir, format_table, write_json_atomic
 ANNA_SCHEMES = "fp8,fp8-p5-95,fp8-p10-90"
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, schemes: bool = True) -> None:
     from sdxl.models import PROFILES
 
     parser.add_argument("--profile", default="testbed", choices=PROFILES)
     parser.add_argument("--model-path", help="SDXL checkpoint directory (profile sdxl)")
-    parser.add_argument("--schemes", default=ANNA_SCHEMES,
-                        help=f"comma-separated UNet recipes to choose among (default ANNA's: {ANNA_SCHEMES})")
+    if schemes:
+        parser.add_argument("--schemes", default=ANNA_SCHEMES,
+                            help=f"comma-separated UNet recipes to choose among (default ANNA's: {ANNA_SCHEMES})")
     parser.add_argument("--calibration-captions", help="calibration captions (default: the profile's)")
     parser.add_argument("--num-prompts", type=int_at_least(1), default=8, help="calibration prompts (default 8)")
     parser.add_argument("--timesteps", help="captured steps: all | uniform:K | list:... (default: the first scheme's)")
     parser.add_argument("--samples", type=int_at_least(1), default=8,
                         help="UNet calls (CFG batches) each measurement runs (default 8)")
-    parser.add_argument("--pairs", default="same", choices=("none", "same", "all"),
-                        help="consecutive-group interactions to measure: none, same scheme on both (default), all")
-    parser.add_argument("--output", required=True, help="directory (sensitivity.json resumes in it)")
+    if schemes:
+        parser.add_argument("--pairs", default="same", choices=("none", "same", "all"),
+                            help="consecutive-group interactions to measure: none, same scheme on both (default), all")
+    parser.add_argument("--output", required=True, help="output directory (sensitivity.json resumes in it)")
     parser.add_argument("--cache-dir", default="build/cache", help="calibration data cache")
 
 
@@ -58,15 +62,27 @@ def register(subparsers) -> None:
     mixed.add_argument("--random-draws", type=int_at_least(0), default=5,
                        help="random-FP16 baselines per budget (default 5)")
     mixed.set_defaults(func=run_mixed_precision)
+    blocks = subparsers.add_parser("block-sensitivity", help="seed 003: blocks quantized cumulatively, SQNR per "
+                                                             "timestep, and the hybrid-precision recipe",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(blocks, schemes=False)
+    blocks.add_argument("--recipe", default="w8a8", help="the UNet recipe analysed (default w8a8)")
+    blocks.add_argument("--share", type=float, default=0.5,
+                        help="keep at higher precision the fewest blocks whose output-noise shares reach this "
+                             "(0-1, default 0.5)")
+    blocks.add_argument("--higher", default="a16", choices=("a16", "fp16"),
+                        help="what sensitive blocks get: 16-bit activations (default) or no quantization")
+    blocks.set_defaults(func=run_block_sensitivity)
 
 
 def _schemes(args: argparse.Namespace) -> list[str]:
     from calibration.recipes import load_recipe
     from quant.encodings import EncodingsError
 
-    names = [n.strip() for n in args.schemes.split(",") if n.strip()]
+    given = getattr(args, "schemes", None) or args.recipe
+    names = [n.strip() for n in given.split(",") if n.strip()]
     if not names or len(set(names)) != len(names):
-        raise UserError(f"--schemes needs distinct recipe names (got {args.schemes!r})")
+        raise UserError(f"--schemes needs distinct recipe names (got {given!r})")
     for name in names:
         try:
             recipe = load_recipe(name)
@@ -248,6 +264,61 @@ def _write_plot(path: Path, points) -> None:
     axis.set_ylabel("UNet output SQNR vs FP32 (dB)")
     axis.grid(alpha=0.3)
     axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_block_sensitivity(args: argparse.Namespace) -> int:
+    import yaml
+
+    from calibration.recipes import load_recipe
+    from sdxl.progress import progress
+
+    from .blocks import block_progressive, hybrid_recipe
+
+    if not 0.0 < args.share <= 1.0:
+        raise UserError(f"--share must be in (0, 1], got {args.share}")
+    _, unet, schemes, loop, _ = prepare(args)
+    analysis = block_progressive(unet, schemes[args.recipe], loop, samples=args.samples, progress=progress)
+    sensitive = analysis.sensitive(args.share)
+    output = Path(args.output)
+    hybrid = hybrid_recipe(load_recipe(args.recipe).to_json(), sensitive, args.higher)
+    recipe_path = output / f"{hybrid['name']}.yaml"
+    recipe_path.write_text(f"# written by ./run.sh block-sensitivity --recipe {args.recipe} --share {args.share} "
+                           f"--higher {args.higher}\n" + yaml.safe_dump(hybrid, sort_keys=False))
+    write_json_atomic(output / "block_sensitivity.json", {"recipe": args.recipe, "share": args.share,
+                                                           "higher": args.higher, "sensitive": sensitive,
+                                                           "hybrid_recipe": str(recipe_path), **analysis.to_json()})
+    _write_heatmap(output / "block_sqnr.png", analysis, args.recipe)
+    rows = [[b, f"{c:.2f}", f"{a:.2f}", f"{100 * s:.1f}", "yes" if b in sensitive else ""]
+            for b, c, a, s in zip(analysis.blocks, analysis.cumulative_total_db, analysis.alone_total_db,
+                                  analysis.noise_share)]
+    print("output SQNR vs FP32 over every captured timestep (per timestep: the heat map)")
+    print(format_table(["block (execution order)", "cumulative SQNR dB", "alone SQNR dB", "noise share %",
+                        f"kept {args.higher}"], rows))
+    print(f"hybrid recipe: {recipe_path} (calibrate it with ./run.sh calibrate --recipe {recipe_path}); heat map: "
+          f"{output / 'block_sqnr.png'}")
+    return 0
+
+
+def _write_heatmap(path: Path, analysis, recipe: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.35 * len(analysis.blocks) + 2), sharey=True)
+    for axis, values, title in ((axes[0], analysis.cumulative_db, "cumulative (blocks 0..k quantized)"),
+                                (axes[1], analysis.alone_db, "block k alone")):
+        data = np.array(values, dtype=float)
+        data[~np.isfinite(data)] = np.nan
+        image = axis.imshow(data, aspect="auto", cmap="viridis")
+        axis.set_xticks(range(len(analysis.timesteps)), [str(t) for t in analysis.timesteps], rotation=90, fontsize=7)
+        axis.set_xlabel("timestep")
+        axis.set_title(f"{recipe}: output SQNR (dB), {title}", fontsize=9)
+        fig.colorbar(image, ax=axis)
+    axes[0].set_yticks(range(len(analysis.blocks)), analysis.blocks, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
