@@ -161,9 +161,6 @@ def _percents(args: argparse.Namespace, smallest: float) -> list[float]:
 
 
 def run_mixed_precision(args: argparse.Namespace) -> int:
-    from quant.encodings import Encodings
-    from quant.sizes import model_size
-
     from .search import SizeModel, configuration_entries, measure_configuration, rank_correlation, sweep
     from .sensitivity import OutputRecorder
 
@@ -183,15 +180,8 @@ def run_mixed_precision(args: argparse.Namespace) -> int:
         entries = configuration_entries(point.choice, schemes, sensitivity.layers)
         point.measured_mse, point.measured_sqnr_db = measure_configuration(unet, entries, loop, args.samples, reference)
         if point.method == "dp":
-            encodings = Encodings(components={"unet": entries},
-                                  recipe={"name": f"mixed-precision-{point.label}", "schemes": sensitivity.schemes,
-                                          "fp16_groups": point.fp16_groups},
-                                  model={"profile": spec.profile, "fingerprint": spec.fingerprint()},
-                                  calibration={"captions": data.manifest["captions"],
-                                               "num_prompts": data.manifest["num_prompts"],
-                                               "timesteps": data.manifest["timesteps"]},
-                                  size={"unet": model_size(unet, entries)})
-            encodings.save(output / "encodings" / f"dp-{point.label.rstrip('%')}.json")
+            save_configuration(output / "encodings" / f"dp-{point.label.rstrip('%')}.json", point, entries,
+                               sensitivity.schemes, spec, unet, data)
     dp = [p for p in points if p.method == "dp"]
     result: dict[str, Any] = {
         "mixed_precision_json_version": 1, "profile": spec.profile, "schemes": sensitivity.schemes,
@@ -211,6 +201,21 @@ def run_mixed_precision(args: argparse.Namespace) -> int:
     print((output / "mixed_precision.md").read_text())
     sys.stdout.flush()
     return 0
+
+
+def save_configuration(path: Path, point, entries, schemes: list[str], spec, unet, data) -> Path:
+    """A configuration as an encodings file (fake-quant, ONNX QDQ and the AIMET export all read it)."""
+    from quant.encodings import Encodings
+    from quant.sizes import model_size
+
+    encodings = Encodings(components={"unet": entries},
+                          recipe={"name": f"mixed-precision-{point.method}-{point.label}", "schemes": schemes,
+                                  "fp16_groups": point.fp16_groups},
+                          model={"profile": spec.profile, "fingerprint": spec.fingerprint()},
+                          calibration={"captions": data.manifest["captions"], "num_prompts": data.manifest["num_prompts"],
+                                       "timesteps": data.manifest["timesteps"]},
+                          size={"unet": model_size(unet, entries)})
+    return encodings.save(path)
 
 
 def _write_table(output: Path, points, result: dict) -> None:
