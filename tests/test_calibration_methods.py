@@ -267,3 +267,68 @@ def test_the_onnx_export_runs_pre_scales_and_marks_keyword_inputs(tmp_path):
     with torch.no_grad():
         expected = fresh.unet(DATA[2])
     assert sqnr_db(expected, run_bound(session, {"x": DATA[2]}, "y", expected.shape)) > 60
+
+
+# -- smoothquant ---------------------------------------------------------------------------------------
+
+class Outlier(torch.nn.Module):
+    """An input with one channel 60x the others (what trained transformers grow) into a Linear, then a second one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc1 = torch.nn.Linear(16, 16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+OUTLIER_DATA = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) * torch.tensor([60.0] + [1.0] * 15)
+                for i in range(3)]
+PER_CHANNEL_W8A8 = {"name": "toy-w8a8", "components": ["unet"],
+                    "weights": {"dtype": "int8", "symmetric": True, "axis": 0, "observer": "minmax"},
+                    "inputs": {"dtype": "uint8", "symmetric": False, "axis": None, "observer": "minmax"}}
+
+
+def _outlier_loop(model):
+    for x in OUTLIER_DATA:
+        model(x)
+
+
+def _output_sqnr(recipe) -> tuple[float, torch.nn.Module]:
+    from quant.quantizers import sqnr_db
+
+    reference = Outlier().eval()
+    model = Outlier().eval()
+    encodings = quantize(model, recipe, _outlier_loop, component="unet", apply=True)
+    with torch.no_grad():
+        return sqnr_db(reference(OUTLIER_DATA[0]), model(OUTLIER_DATA[0])), encodings
+
+
+def test_smoothquant_is_exact_in_fp32():
+    model, reference = Outlier().eval(), Outlier().eval()
+    recipe = {**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 0.5}]}
+    encodings = quantize(model, recipe, _outlier_loop, component="unet", apply=False)
+    with torch.no_grad():  # changed weights + the 1/s pre-scale hooks, no quantizers: the same function
+        assert torch.allclose(model(OUTLIER_DATA[1]), reference(OUTLIER_DATA[1]), rtol=1e-5, atol=1e-4)
+    scale = encodings.pre_scales["unet"]["fc1:input[0]"].scale
+    assert scale[0] < min(scale[1:])  # the outlier channel is divided the most
+
+
+def test_smoothquant_beats_min_max_on_an_outlier_channel_and_selects_by_input_sqnr():
+    plain, _ = _output_sqnr(PER_CHANNEL_W8A8)
+    smoothed, _ = _output_sqnr({**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 0.5}]})
+    assert smoothed > plain + 6, (plain, smoothed)  # the case built to need it
+    top, encodings = _output_sqnr({**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 0.5,
+                                                                     "select": "top_k", "top_k": 1}]})
+    stats = encodings.methods[0]["stats"]
+    assert stats["layers"] == ["fc1"] and stats["input_sqnr_db_lowest"][0][0] == "fc1"
+    assert top == pytest.approx(smoothed, abs=3.0)  # smoothing the one bad input is what matters
+
+
+def test_smoothquant_settings_are_checked():
+    with pytest.raises(RecipeError, match="alpha 1.5 is outside"):
+        load_recipe({**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 1.5}]})
+    with pytest.raises(RecipeError, match="select 'best'"):
+        load_recipe({**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "select": "best"}]})

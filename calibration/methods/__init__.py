@@ -19,7 +19,7 @@ from typing import Any
 from .base import PHASES, Method, MethodError, MethodResult, MethodTarget
 
 #: modules holding the built-in methods, imported on first lookup
-_METHOD_MODULES = ("calibration.methods.weight_balance",)
+_METHOD_MODULES = ("calibration.methods.weight_balance", "calibration.methods.smoothquant")
 _REGISTRY: dict[str, type[Method]] = {}
 
 
