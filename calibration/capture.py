@@ -38,11 +38,59 @@ class CalibrationDataError(UserError, ValueError):
     """Bad calibration inputs (captions file, timesteps spec); the message says how to fix it."""
 
 
-def parse_timesteps(spec: str, schedule: list[int]) -> list[int]:
-    """``all | single | uniform:K | list:951,901,...`` -> step indices into ``schedule`` (951, 901, ..., 1).
+#: NDTC's defaults as PTQ4DM's shipped script runs it (quant_sample_ddim_in_backward_DNTC.sh): mean 0.4, std 0.4
+NDTC_DEFAULTS = (0.4, 0.4)
+TIMESTEP_SPECS = "all, single, uniform:K, qdiff:K, ndtc[:MEAN,STD] or list:T1,T2,..."
 
-    ``single`` is the maximum-noise step (seed 003's single-step calibration); ``uniform:K`` spreads K
-    steps evenly from first to last (seed 002's sampling across the trajectory).
+
+def plan_timesteps(spec: str, schedule: list[int], chunks: int) -> list[list[int]]:
+    """The step indices (into ``schedule``, 0 = noisiest) each chunk of calibration prompts contributes.
+
+    * ``all``, ``single`` (the maximum-noise step: seed 003's single-step calibration), ``uniform:K`` (K
+      steps spread evenly, first and last included), ``list:T1,...`` (those timesteps): the same steps
+      for every chunk;
+    * ``qdiff:K``: Q-Diffusion's ``get_train_samples``: ``range(0, n, n // K)``, a uniform stride from the
+      noisiest step (its SD recipe, 25 of 50 PLMS steps, is ``qdiff:10`` on MLPerf's 20);
+    * ``ndtc[:MEAN,STD]``: PTQ4DM's normally distributed time-step calibration: each chunk's one step
+      index drawn from N(MEAN*n, STD*n), rounded down as ``int()`` does and clipped to the schedule, the
+      index counted from the noisiest step as PTQ4DM's reverse loop does (default 0.4, 0.4, its script's
+      values). Draws are seeded by the chunk's index: the same plan every time.
+    """
+    spec = (spec or "all").strip()
+    n = len(schedule)
+    kind, _, arg = spec.partition(":")
+    if kind == "qdiff":
+        k = _count(spec, arg, n)
+        return [list(range(0, n, max(1, n // k)))] * chunks  # as the reference: qdiff:3 on 20 steps gives 4
+    if kind == "ndtc":
+        try:
+            mean, std = (float(v) for v in arg.split(",")) if arg else NDTC_DEFAULTS
+        except ValueError:
+            raise CalibrationDataError(f"--timesteps {spec}: use ndtc or ndtc:MEAN,STD (fractions of the schedule)") from None
+        if not (0.0 <= mean <= 1.0 and std > 0.0):
+            raise CalibrationDataError(f"--timesteps {spec}: MEAN must be in [0, 1] and STD > 0")
+        plan = []
+        for chunk in range(chunks):
+            draw = np.random.default_rng([20231202, chunk]).normal(mean * n, std * n)
+            plan.append([min(max(int(draw), 0), n - 1)])
+        return plan
+    return [parse_timesteps(spec, schedule)] * chunks
+
+
+def _count(spec: str, arg: str, n: int) -> int:
+    try:
+        k = int(arg)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= n:
+        raise CalibrationDataError(f"--timesteps {spec}: K must be an integer in 1..{n}")
+    return k
+
+
+def parse_timesteps(spec: str, schedule: list[int]) -> list[int]:
+    """Every step index a spec can use (for ``ndtc``, the whole schedule; see :func:`plan_timesteps`).
+
+    Also the check of a spec's syntax, run in the parent before any model loads.
     """
     spec = (spec or "all").strip()
     n = len(schedule)
@@ -52,13 +100,13 @@ def parse_timesteps(spec: str, schedule: list[int]) -> list[int]:
         return [0]
     kind, _, arg = spec.partition(":")
     if kind == "uniform":
-        try:
-            k = int(arg)
-        except ValueError:
-            k = 0
-        if not 1 <= k <= n:
-            raise CalibrationDataError(f"--timesteps {spec}: K must be an integer in 1..{n}")
+        k = _count(spec, arg, n)
         return sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
+    if kind == "qdiff":
+        return plan_timesteps(spec, schedule, 1)[0]
+    if kind == "ndtc":
+        plan_timesteps(spec, schedule, 0)  # checks MEAN,STD; any step may be drawn
+        return list(range(n))
     if kind == "list":
         wanted = [v.strip() for v in arg.split(",") if v.strip()]
         steps = []
@@ -68,7 +116,7 @@ def parse_timesteps(spec: str, schedule: list[int]) -> list[int]:
                                            f"({', '.join(map(str, schedule))})")
             steps.append(schedule.index(int(value)))
         return sorted(set(steps))
-    raise CalibrationDataError(f"--timesteps {spec!r}: use all, single, uniform:K or list:T1,T2,...")
+    raise CalibrationDataError(f"--timesteps {spec!r}: use {TIMESTEP_SPECS}")
 
 
 def read_calibration_captions(path: str | Path | None, profile: str, num_prompts: int | None = None) -> tuple[list[str], str]:
@@ -170,13 +218,21 @@ class CalibrationData:
         neg, pos = self._load("negative.safetensors"), self._load(f"embeds-{chunk:05d}.safetensors")
         return cfg_conditioning(neg, pos["prompt_embeds"], pos["text_embeds"])
 
+    def chunk_steps(self, chunk: int) -> list[int]:
+        """The step indices chunk ``chunk`` contributes (every chunk the same, except for NDTC's draws)."""
+        return self.manifest["chunk_steps"][chunk] if "chunk_steps" in self.manifest else self.steps
+
     def unet_samples(self) -> Iterator[tuple[int, torch.Tensor, dict[str, torch.Tensor]]]:
         """``(t, latent_input (2n,4,h,w), conditioning)`` for every chunk and captured step."""
+        timestep = dict(zip(self.steps, self.timesteps))
         for chunk in self.chunks():
             cond = self.conditioning(chunk)
             latents = self._load(f"latents-{chunk:05d}.safetensors")
-            for step, t in zip(self.steps, self.timesteps):
-                yield t, latents[f"latent.{step}"], cond
+            for step in self.chunk_steps(chunk):
+                yield timestep[step], latents[f"latent.{step}"], cond
+
+    def num_unet_samples(self) -> int:
+        return sum(len(self.chunk_steps(chunk)) for chunk in self.chunks())
 
     def final_latents(self) -> Iterator[torch.Tensor]:
         for chunk in self.chunks():
@@ -196,7 +252,7 @@ class CalibrationData:
         def loop(unet: torch.nn.Module) -> None:
             from sdxl.progress import progress
 
-            total = len(self.manifest["chunks"]) * len(self.steps)
+            total = self.num_unet_samples()
             for t, latent_input, cond in progress(self.unet_samples(), total=total, desc="calibrating unet",
                                                   disable=not show_progress):
                 dtype = next(unet.parameters()).dtype
@@ -233,7 +289,7 @@ class _StopDenoise(Exception):
     """Raised from the step callback once every wanted step is captured (skips the remaining UNet calls)."""
 
 
-def cache_key(fingerprint: str, request: CaptureRequest, steps: list[int], latent: torch.Tensor) -> str:
+def cache_key(fingerprint: str, request: CaptureRequest, steps: list, latent: torch.Tensor) -> str:
     from sdxl.latents import latent_sha256
 
     blob = json.dumps({"version": CACHE_VERSION, "model": fingerprint, "captions": _captions_hash(request.captions),
@@ -295,19 +351,23 @@ def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str 
     from sdxl.tokenizers import tokenize
 
     schedule = [int(t) for t in pipeline.timesteps]
-    steps = parse_timesteps(request.timesteps_spec, schedule)
+    chunks = [request.captions[i:i + request.chunk_prompts] for i in range(0, len(request.captions), request.chunk_prompts)]
+    plan = plan_timesteps(request.timesteps_spec, schedule, len(chunks))
+    steps = sorted({s for chunk_steps in plan for s in chunk_steps})
+    per_chunk = any(chunk_steps != steps for chunk_steps in plan)
     latent = draw_latent(spec.latent_size)
-    key = cache_key(spec.fingerprint(), request, steps, latent)
+    key = cache_key(spec.fingerprint(), request, plan if per_chunk else steps, latent)
     directory = Path(cache_dir) / "calib" / f"{spec.profile}-{key}"
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path = directory / "manifest.json"
-    chunks = [request.captions[i:i + request.chunk_prompts] for i in range(0, len(request.captions), request.chunk_prompts)]
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     if manifest.get("key") != key:
         manifest = {"key": key, "model": spec.fingerprint(), "profile": spec.profile, "captions": request.captions_source,
                     "captions_sha256": _captions_hash(request.captions), "num_prompts": len(request.captions),
-                    "steps": steps, "timesteps": [schedule[s] for s in steps], "encoded": [], "chunks": [],
-                    "complete": False}
+                    "timesteps_spec": request.timesteps_spec, "steps": steps,
+                    "timesteps": [schedule[s] for s in steps], "encoded": [], "chunks": [], "complete": False}
+        if per_chunk:  # a sampler that draws each chunk's steps (NDTC)
+            manifest["chunk_steps"] = plan
     _discard_damaged_files(directory, manifest)
     if manifest.get("complete"):
         log.info("calibration data cached at %s", directory)
@@ -331,16 +391,16 @@ def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str 
 
     # phase 2: the denoising loop, one chunk of prompts at a time
     data = CalibrationData(directory, manifest)
-    last_step = max(steps)
     for index in progress(range(len(chunks)), desc="capturing unet inputs", disable=not show_progress):
         if index in manifest["chunks"]:
             continue
         captured: dict[str, torch.Tensor] = {}
+        wanted = data.chunk_steps(index)
 
-        def on_step(step, t, latent_input, conditioning):
-            if step in steps:
+        def on_step(step, t, latent_input, conditioning, wanted=wanted):
+            if step in wanted:
                 captured[f"latent.{step}"] = latent_input.detach().float().clone()
-            if step == last_step and not request.need_final:
+            if step == max(wanted) and not request.need_final:
                 raise _StopDenoise
 
         cond = data.conditioning(index)

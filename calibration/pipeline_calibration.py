@@ -82,5 +82,12 @@ def calibrate_components(components, recipe: str | Path | Recipe, *, calibration
 
 def describe_data(data: CalibrationData) -> dict[str, Any]:
     m = data.manifest
+    timestep = dict(zip(data.steps, data.timesteps))
+    counts: dict[int, int] = {}
+    for chunk in data.chunks():
+        for step in data.chunk_steps(chunk):
+            counts[timestep[step]] = counts.get(timestep[step], 0) + 1
     return {"captions": m["captions"], "captions_sha256": m["captions_sha256"], "num_prompts": m["num_prompts"],
-            "mlperf_calibration_set": data.mlperf_set, "timesteps": m["timesteps"], "cache": str(data.directory)}
+            "mlperf_calibration_set": data.mlperf_set, "timesteps_spec": m.get("timesteps_spec"),
+            "timesteps": m["timesteps"], "chunks_per_timestep": {str(t): c for t, c in sorted(counts.items(), reverse=True)},
+            "cache": str(data.directory)}

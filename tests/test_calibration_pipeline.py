@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from calibration.capture import CalibrationDataError, parse_timesteps, read_calibration_captions
+from harness.cli import main
 
 SCHEDULE = list(range(951, 0, -50))  # SDXL leading spacing, 20 steps: 951, 901, ..., 1
 
@@ -17,9 +19,27 @@ def test_timesteps_specs():
     assert parse_timesteps("single", SCHEDULE) == [0]
     assert parse_timesteps("uniform:3", SCHEDULE) == [0, 10, 19]
     assert parse_timesteps("list:951,501,1", SCHEDULE) == [0, 9, 19]
-    for bad, message in (("list:950", "950 is not one of"), ("uniform:0", "K must be"), ("every", "use all, single")):
+    assert parse_timesteps("qdiff:10", SCHEDULE) == list(range(0, 20, 2))  # Q-Diffusion's SD recipe, 25 of 50
+    assert parse_timesteps("qdiff:3", SCHEDULE) == [0, 6, 12, 18]  # its range(0, n, n // K), not K steps
+    assert parse_timesteps("ndtc", SCHEDULE) == list(range(20))
+    for bad, message in (("list:950", "950 is not one of"), ("uniform:0", "K must be"), ("every", "use all, single"),
+                         ("ndtc:2,0.4", "MEAN must be in"), ("ndtc:x", "use ndtc or ndtc:MEAN,STD"),
+                         ("qdiff:0", "K must be")):
         with pytest.raises(CalibrationDataError, match=message):
             parse_timesteps(bad, SCHEDULE)
+
+
+def test_ndtc_draws_one_step_per_chunk_around_forty_percent_of_the_schedule():
+    """PTQ4DM's shipped setting: index ~ N(0.4 n, 0.4 n) from the noisiest step, clipped; seeded per chunk."""
+    from calibration.capture import plan_timesteps
+
+    plan = plan_timesteps("ndtc", SCHEDULE, 2000)
+    assert all(len(steps) == 1 and 0 <= steps[0] <= 19 for steps in plan)
+    drawn = np.array([steps[0] for steps in plan])
+    clipped = np.clip(np.floor(np.random.default_rng(0).normal(8, 8, 200000)), 0, 19)  # the same law, sampled
+    assert abs(drawn.mean() - clipped.mean()) < 0.4 and (drawn == 0).mean() == pytest.approx((clipped == 0).mean(), abs=0.03)
+    assert plan_timesteps("ndtc", SCHEDULE, 5) == plan[:5]  # a chunk's draw does not depend on how many there are
+    assert plan_timesteps("qdiff:10", SCHEDULE, 3) == [list(range(0, 20, 2))] * 3
 
 
 def test_captions_rules(tmp_path):
@@ -46,7 +66,6 @@ def test_calibrate_command_resumes_a_killed_capture_and_reports_sqnr(tmp_path, c
     """``calibrate`` end to end; then kill its capture after the first chunk, resume, get the same encodings."""
     import csv
 
-    from harness.cli import main
     from quant.encodings import Encodings
 
     out, cache = tmp_path / "w8a8.json", tmp_path / "cache"
@@ -81,7 +100,6 @@ def test_calibrate_command_resumes_a_killed_capture_and_reports_sqnr(tmp_path, c
 
 def test_run_with_a_recipe_calibrates_once_into_the_run_directory(tmp_path):
     """``run --recipe`` with timestep-ranged activations: one calibration, then LoadGen serves the fake-quant model."""
-    from harness.cli import main
     from quant.encodings import Encodings
 
     out = tmp_path / "run"
@@ -100,3 +118,19 @@ def test_run_with_a_recipe_calibrates_once_into_the_run_directory(tmp_path):
     assert ranged and all([e.timesteps for e in v] == [(951, 951), (0, 950)] for v in ranged)
     assert all(not isinstance(v, list) for k, v in entries.items() if k.endswith(":weight"))
     assert [p.name for p in (tmp_path / "cache" / "calib").iterdir()], "the capture is cached for the next run"
+
+
+def test_an_ndtc_calibration_captures_each_chunk_at_its_drawn_step(tmp_path):
+    """Near-noisiest draws (mean 0.05) keep the capture short; the encodings record the per-step counts."""
+    from calibration.capture import plan_timesteps
+
+    out = tmp_path / "ndtc.json"
+    assert main(["calibrate", "--profile", "tiny", "--recipe", "w8a8", "--num-prompts", "8", "--timesteps",
+                 "ndtc:0.05,0.05", "--sqnr-samples", "0", "--cache-dir", str(tmp_path / "cache"),
+                 "--output", str(out)]) == 0
+    calibration = json.loads(out.read_text())["calibration"]
+    plan = plan_timesteps("ndtc:0.05,0.05", SCHEDULE, 2)
+    expected: dict[str, int] = {}
+    for (step,) in plan:
+        expected[str(SCHEDULE[step])] = expected.get(str(SCHEDULE[step]), 0) + 1
+    assert calibration["timesteps_spec"] == "ndtc:0.05,0.05" and calibration["chunks_per_timestep"] == expected
