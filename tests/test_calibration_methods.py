@@ -332,3 +332,48 @@ def test_smoothquant_settings_are_checked():
         load_recipe({**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 1.5}]})
     with pytest.raises(RecipeError, match="select 'best'"):
         load_recipe({**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "select": "best"}]})
+
+
+# -- bias_correction -------------------------------------------------------------------------------------
+
+class Shifted(torch.nn.Module):
+    """A Linear whose int4 weights all round down by 0.4 of a step, fed positive inputs: a known mean shift."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8, bias=False)
+        with torch.no_grad():
+            step = 0.1
+            grid = torch.randint(-5, 6, (8, 16), generator=torch.Generator().manual_seed(0)).float()
+            self.fc.weight.copy_((grid + 0.4) * step)
+            self.fc.weight[:, 0] = 7 * step  # fixes each row's absmax, so the int4 step is exactly 0.1
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+SHIFT_DATA = [1.0 + 0.1 * torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+W4_ONLY = {"name": "toy-w4", "components": ["unet"],
+           "weights": {"dtype": "int4", "symmetric": True, "axis": 0, "observer": "minmax"}, "inputs": None}
+
+
+def _shift_loop(model):
+    for x in SHIFT_DATA:
+        model(x)
+
+
+def test_bias_correction_removes_the_mean_shift_weight_quantization_adds():
+    reference = Shifted().eval()
+    results = {}
+    for name, recipe in (("plain", W4_ONLY), ("corrected", {**W4_ONLY, "methods": [{"kind": "bias_correction"}]})):
+        model = Shifted().eval()
+        encodings = quantize(model, recipe, _shift_loop, component="unet", apply=True)
+        with torch.no_grad():
+            x = SHIFT_DATA[0]
+            results[name] = float((model(x) - reference(x)).mean())
+        if name == "corrected":
+            assert set(encodings.delta) == {"unet.fc.bias"}  # a layer without a bias got one
+            assert encodings.methods[0]["stats"]["layers"] == 1
+    # rounding down 0.4 step of 0.1 on 15 inputs of mean ~1: the output mean moves by about -0.6
+    assert results["plain"] == pytest.approx(-0.6, abs=0.1)
+    assert abs(results["corrected"]) < 0.02 * abs(results["plain"])

@@ -19,7 +19,8 @@ from typing import Any
 from .base import PHASES, Method, MethodError, MethodResult, MethodTarget
 
 #: modules holding the built-in methods, imported on first lookup
-_METHOD_MODULES = ("calibration.methods.weight_balance", "calibration.methods.smoothquant")
+_METHOD_MODULES = ("calibration.methods.weight_balance", "calibration.methods.smoothquant",
+                   "calibration.methods.bias_correction")
 _REGISTRY: dict[str, type[Method]] = {}
 
 
