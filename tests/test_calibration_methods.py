@@ -377,3 +377,54 @@ def test_bias_correction_removes_the_mean_shift_weight_quantization_adds():
     # rounding down 0.4 step of 0.1 on 15 inputs of mean ~1: the output mean moves by about -0.6
     assert results["plain"] == pytest.approx(-0.6, abs=0.1)
     assert abs(results["corrected"]) < 0.02 * abs(results["plain"])
+
+
+# -- cross_layer_equalization ------------------------------------------------------------------------------
+
+def _transformer_block():
+    from diffusers.models.attention import BasicTransformerBlock
+
+    torch.manual_seed(3)
+    block = BasicTransformerBlock(32, 2, 16, cross_attention_dim=24, activation_fn="geglu").eval()
+    with torch.no_grad():  # unequal channel ranges, the case CLE is for
+        for linear in (block.attn1.to_v, block.attn2.to_v, block.ff.net[0].proj):
+            linear.weight.mul_(torch.logspace(-1, 1, linear.out_features)[:, None])
+    return block
+
+
+def test_cle_finds_the_exact_pairs_keeps_fp32_and_equalizes_ranges():
+    from calibration.methods.cross_layer_equalization import equalization_pairs
+
+    block, reference = _transformer_block(), _transformer_block()
+    x, context = torch.randn(2, 10, 32), torch.randn(2, 7, 24)
+    pairs = equalization_pairs(block)
+    assert [(a, b) for a, b, _ in pairs] == [("attn1.to_v", "attn1.to_out.0"), ("attn2.to_v", "attn2.to_out.0"),
+                                             ("ff.net.0.proj", "ff.net.2")]
+    recipe = {**PER_CHANNEL_W8A8, "types": ["Linear"], "weights": {**PER_CHANNEL_W8A8["weights"], "axis": None},
+              "methods": [{"kind": "cross_layer_equalization"}]}
+    encodings = quantize(block, recipe, lambda m: m(x, encoder_hidden_states=context), component="unet", apply=False)
+    with torch.no_grad():
+        want, got = reference(x, encoder_hidden_states=context), block(x, encoder_hidden_states=context)
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    inner = block.ff.net[2].in_features
+    for first, second, channels in ((block.attn1.to_v, block.attn1.to_out[0], 32), (block.ff.net[0].proj, block.ff.net[2], inner)):
+        rows = first.weight.detach()[:channels].abs().amax(dim=1)
+        cols = second.weight.detach().abs().amax(dim=0)
+        assert torch.allclose(rows, cols, rtol=1e-5)
+    stats = encodings.methods[0]["stats"]
+    assert stats["pairs"] == 3 and stats["largest_row_range_ratio_after"] < stats["largest_row_range_ratio_before"]
+
+
+def test_cle_on_clip_pairs_value_and_output_projections():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from calibration.methods.cross_layer_equalization import equalization_pairs
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, max_position_embeddings=16)).eval()
+    names = [(a, b) for a, b, _ in equalization_pairs(model)]
+    modules = dict(model.named_modules())
+    assert len(names) == 2 and all(a.endswith(f"layers.{i}.self_attn.v_proj") and b.endswith(f"layers.{i}.self_attn.out_proj")
+                                   and a in modules and b in modules for i, (a, b) in enumerate(names))
+    # the MLP (fc1 -> quick_gelu -> fc2) is not a pair: gelu does not commute with scaling
