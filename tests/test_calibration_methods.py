@@ -428,3 +428,51 @@ def test_cle_on_clip_pairs_value_and_output_projections():
     assert len(names) == 2 and all(a.endswith(f"layers.{i}.self_attn.v_proj") and b.endswith(f"layers.{i}.self_attn.out_proj")
                                    and a in modules and b in modules for i, (a, b) in enumerate(names))
     # the MLP (fc1 -> quick_gelu -> fc2) is not a pair: gelu does not commute with scaling
+
+
+# -- adaround ------------------------------------------------------------------------------------------------
+
+def _ada_model():
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Linear(32, 16)).eval()
+
+
+# correlated inputs, as real activations are: with white inputs round-to-nearest is already optimal
+# (the output error is then just the weight error's norm), and AdaRound has nothing to learn
+_MIX = torch.randn(32, 32, generator=torch.Generator().manual_seed(99)) + 3.0
+ADA_DATA = [torch.randn(64, 32, generator=torch.Generator().manual_seed(i)) @ _MIX for i in range(8)]
+
+
+def _ada_loop(model):
+    for x in ADA_DATA:
+        model(x)
+
+
+def test_adaround_beats_round_to_nearest_at_4_bits_and_stays_on_the_grid():
+    from quant.quantizers import quantize_tensor, sqnr_db
+
+    w4 = {"name": "toy-w4", "components": ["unet"], "inputs": None,
+          "weights": {"dtype": "int4", "symmetric": True, "axis": 0, "observer": "minmax"}}
+    reference = _ada_model()
+    outputs = {}
+    for name, recipe in (("nearest", w4), ("adaround", {**w4, "methods": [{"kind": "adaround", "iterations": 300,
+                                                                             "samples": 8}]})):
+        model = _ada_model()
+        encodings = quantize(model, recipe, _ada_loop, component="unet", apply=True)
+        with torch.no_grad():
+            outputs[name] = sqnr_db(reference(ADA_DATA[0]), model(ADA_DATA[0]))
+        if name == "adaround":
+            ((nearest, learned),) = encodings.methods[0]["stats"]["reconstruction_mse"].values()
+            assert learned < 0.5 * nearest, (nearest, learned)
+            qp = encodings.components["unet"]["0:weight[0]"].qparams()
+            rounded = encodings.delta["unet.0.weight"]
+            assert torch.equal(quantize_tensor(rounded, qp) * qp.scale[:, None], rounded)  # integers x frozen scale
+    assert outputs["adaround"] > outputs["nearest"] + 3.0, outputs
+
+
+def test_adaround_refuses_float_weights():
+    fp8 = {"name": "toy-fp8", "components": ["unet"], "inputs": None,
+           "weights": {"dtype": "float8e4m3fn", "symmetric": True, "axis": 0, "observer": "minmax"},
+           "methods": [{"kind": "adaround", "iterations": 1}]}
+    with pytest.raises(Exception, match="float format with no rounding grid"):
+        quantize(_ada_model(), fp8, _ada_loop, component="unet", apply=False)
