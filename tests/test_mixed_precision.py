@@ -210,3 +210,38 @@ def test_block_progressive_finds_the_outlier_block_and_the_hybrid_recipe_keeps_i
     assert excluded == ["l2"] and [p.name for p in plans] == ["l1", "l3", "l4"]
     assert top_level_block("down_blocks.1.attentions.0.proj_in") == "down_blocks.1"
     assert top_level_block("mid_block.resnets.0.conv1") == "mid_block" and top_level_block("conv_in") == "conv_in"
+
+
+# -- the commands on the trained testbed ---------------------------------------------------------------
+
+def test_mixed_precision_command_writes_configurations_that_fake_quant_and_ort_run(tmp_path, capsys):
+    """Two schemes, one calibration prompt at one step, one sample per measurement: the whole command;
+    the DP configuration it writes loads in the torch fake-quant backend and in ONNX Runtime, which agree."""
+    import json
+
+    from backends import BackendOptions, create_backend
+    from harness.cli import main
+    from quant.quantizers import sqnr_db
+    from sdxl.models import model_spec
+
+    out = tmp_path / "mp"
+    assert main(["mixed-precision", "--profile", "testbed", "--schemes", "w8a8,w8a16", "--num-prompts", "1",
+                 "--timesteps", "single", "--samples", "1", "--pairs", "same", "--percents", "70",
+                 "--random-draws", "1", "--target-sqnr", "0", "--output", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    result = json.loads((out / "mixed_precision.json").read_text())
+    methods = [p["method"] for p in result["points"]]
+    assert methods[:3] == ["uniform", "dp", "greedy"] and methods[3].startswith("random-fp16")
+    dp = result["points"][1]
+    assert dp["percent_of_fp16"] <= 70.0 and dp["measured_sqnr_db"] > result["points"][0]["measured_sqnr_db"]
+    assert result["target"]["smallest"]["label"] == "70%" and "| 70% | dp |" in capsys.readouterr().out
+    path = out / "encodings" / "dp-70.json"
+    spec = model_spec("testbed")
+    torch_backend = create_backend("torch", spec, BackendOptions(encodings=str(path), show_progress=False))
+    ort_backend = create_backend("ort", spec, BackendOptions(encodings=str(path), show_progress=False,
+                                                             extra={"cache_dir": str(tmp_path / "cache")}))
+    torch.manual_seed(0)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor(501), torch.randn(2, 77, 96), torch.randn(2, 64),
+            torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
+    fake_quant, ort = torch_backend.predict_noise(*args), ort_backend.predict_noise(*args)
+    assert sqnr_db(fake_quant, ort) > 30.0
