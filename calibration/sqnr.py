@@ -64,7 +64,7 @@ def limited(loop: Callable[[torch.nn.Module], None], samples: int) -> Callable[[
             if calls[0] >= samples:
                 raise _Enough
 
-        handle = module.register_forward_hook(hook)
+        handle = output_module(module).register_forward_hook(hook)
         try:
             loop(module)
         except _Enough:
@@ -72,6 +72,13 @@ def limited(loop: Callable[[torch.nn.Module], None], samples: int) -> Callable[[
         finally:
             handle.remove()
     return run
+
+
+def output_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The module whose call ends one sample of a component's forward loop: the component itself, or a VAE's
+    decoder (the VAE's loop calls ``vae.decode``, which runs no hook of the VAE module itself)."""
+    decoder = getattr(module, "decoder", None)
+    return decoder if isinstance(decoder, torch.nn.Module) and hasattr(module, "decode") else module
 
 
 @dataclass
@@ -143,8 +150,11 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
     quantizers = layer_quantizers(module, entries)
     layers = sorted(quantizers)
     tracked = [n for n in modules if n and "." not in n] if block_level else layers
-    references: list[dict[str, torch.Tensor]] = []
+    # one dict per sample, opened when the previous sample's output arrives: layers that run before the
+    # output module (the VAE's post_quant_conv ahead of its decoder) still land in their sample's dict
+    references: list[dict[str, torch.Tensor]] = [{}]
     outputs: list[torch.Tensor] = []
+    root = output_module(module)
     handles = []
 
     def see(name: str) -> None:
@@ -170,21 +180,19 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
                 references[-1][name] = output.detach().clone()
         return hook
 
-    def root_pre(mod, args):
-        references.append({})
-
     def root_post(mod, args, output):
-        out = _root_output(output)
+        out = root_output(output)
         outputs.append(out.detach().clone())
+        references.append({})
 
     for name in layers:
         handles.append(modules[name].register_forward_hook(local_hook(name), with_kwargs=True))
     for name in tracked:
         handles.append(modules[name].register_forward_hook(record_hook(name)))
-    handles += [module.register_forward_pre_hook(root_pre), module.register_forward_hook(root_post)]
+    handles.append(root.register_forward_hook(root_post))
     _run_hooked(module, handles, forward_loop, samples)
     apply()
-    sample = [-1]
+    sample = [0]
     handles = []
 
     def compare_hook(name):
@@ -194,25 +202,30 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
                 report.accumulated.setdefault(name, _Acc()).add(ref, output)
         return hook
 
-    def root_pre_q(mod, args):
-        sample[0] += 1
-
     def root_post_q(mod, args, output):
-        out = _root_output(output)
+        out = root_output(output)
         report.accumulated.setdefault(OUTPUT_ROW, _Acc()).add(outputs[sample[0]], out)
+        sample[0] += 1
 
     for name in tracked:
         handles.append(modules[name].register_forward_hook(compare_hook(name)))
-    handles += [module.register_forward_pre_hook(root_pre_q), module.register_forward_hook(root_post_q)]
+    handles.append(root.register_forward_hook(root_post_q))
     _run_hooked(module, handles, forward_loop, samples)
     for name in report.order:
         report.types.setdefault(name, type(modules[name]).__name__)
     return report
 
 
-def _root_output(output):
-    """The tensor a component returns (first of a tuple, ``.sample`` of a diffusers output)."""
-    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+def root_output(output):
+    """The tensor a component returns: first of a tuple, ``.sample`` of a diffusers output, the first field
+    of a transformers ``ModelOutput`` (a CLIP text encoder's ``last_hidden_state``)."""
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if hasattr(output, "sample"):
+        return output.sample
+    if hasattr(output, "to_tuple"):
+        return output.to_tuple()[0]
+    return output
 
 
 def _run_hooked(module: torch.nn.Module, handles: list, forward_loop, samples: int) -> None:

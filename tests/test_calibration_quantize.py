@@ -276,3 +276,34 @@ def test_mha_recipe_quantizes_both_operands_of_both_attention_matmuls(tiny_backe
     apply_encodings(without_mha, {k: v for k, v in entries.items() if ".bmm_" not in k}, "unet")
     # e4m3 keeps ~3 mantissa bits: the attention quantizers cost SQNR, but the model still tracks FP32
     assert 10 < sqnr_db(fp32, quantized) < sqnr_db(fp32, call(without_mha)), (sqnr_db(fp32, quantized))
+
+
+def test_sqnr_report_of_a_component_whose_loop_calls_decode():
+    """The VAE's forward loop calls ``vae.decode``: the report hooks its decoder, and a layer ahead of the
+    decoder (``post_quant_conv``) still lands in its sample (this used to raise IndexError)."""
+    from calibration.sqnr import OUTPUT_ROW, sqnr_report
+
+    class ToyVAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.post_quant_conv = torch.nn.Conv2d(4, 4, 1)
+            self.decoder = torch.nn.Sequential(torch.nn.Conv2d(4, 3, 3, padding=1))
+
+        def decode(self, z):
+            return self.decoder(self.post_quant_conv(z))
+
+    latents = [torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def loop(vae):
+        for z in latents:
+            vae.decode(z)
+
+    vae = ToyVAE().eval()
+    recipe = {"name": "toy", "components": ["vae"], "weights": {"dtype": "int8", "axis": 0},
+              "inputs": {"dtype": "uint8", "symmetric": False, "observer": "minmax"}}
+    entries = quantize(vae, recipe, loop, component="vae", apply=False).components["vae"]
+    report = sqnr_report(vae, "vae", entries, loop, lambda: apply_encodings(vae, entries, "vae"), samples=2)
+    rows = {r["layer"]: r for r in report.rows()}
+    assert {"post_quant_conv", "decoder.0", OUTPUT_ROW} <= set(rows)
+    assert 20 < float(rows[OUTPUT_ROW]["accumulated_sqnr_db"]) < 60

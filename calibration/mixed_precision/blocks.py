@@ -25,7 +25,8 @@ import torch
 
 from quant.encodings import parse_key
 
-from .sensitivity import Entries, ForwardLoop, QuantizedLayers, _root_output
+from ..sqnr import root_output
+from .sensitivity import Entries, ForwardLoop, QuantizedLayers
 
 
 def top_level_block(layer: str) -> str:
@@ -75,7 +76,7 @@ class _PerTimestep:
         def keep(_module, args, kwargs, output):
             t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
             step = -1 if t is None else int(torch.as_tensor(t).flatten()[0])  # a module without timesteps: one column
-            seen.append((step, _root_output(output).detach().float().clone()))
+            seen.append((step, root_output(output).detach().float().clone()))
             if len(seen) >= self.samples:
                 raise Enough
 

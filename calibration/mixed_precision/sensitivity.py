@@ -32,6 +32,7 @@ from quant.fake_quant import apply_encodings
 from quant.sizes import weight_bits
 from sdxl.io import write_json_atomic
 
+from ..sqnr import root_output
 from .solver import Problem
 
 Entries = Mapping[str, Encoding | list[Encoding]]
@@ -88,10 +89,6 @@ class Sensitivity:
                 "forward_passes": self.forward_passes}
 
 
-def _root_output(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-
-
 class OutputRecorder:
     """Runs the forward loop and keeps the root module's output of each call."""
 
@@ -106,7 +103,7 @@ class OutputRecorder:
             pass
 
         def keep(_module, _args, output):
-            outputs.append(_root_output(output).detach().float().clone())
+            outputs.append(root_output(output).detach().float().clone())
             if len(outputs) >= self.samples:
                 raise Enough
 
