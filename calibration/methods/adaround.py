@@ -32,13 +32,9 @@ from quant.quantizers import _broadcast
 from quant.slots import call_input
 
 from . import register_method
-from .base import Method, MethodError, MethodResult, MethodTarget
+from .base import Method, MethodError, MethodResult, MethodTarget, execution_order, run_data
 
 ZETA, GAMMA = 1.1, -0.1
-
-
-class _Stop(Exception):
-    pass
 
 
 def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -84,7 +80,7 @@ class AdaRound(Method):
                 raise MethodError(f"adaround: {plan.name}'s weights are {plan.weights.dtype}, a float format with "
                                   "no rounding grid; use it with integer weights")
         module = target.module
-        order = self._execution_order(module, {p.name for p in layers}, target.forward_loop)
+        order = execution_order(module, {p.name for p in layers}, target.forward_loop, self.settings.samples)
         by_name = {p.name: p for p in layers}
         rounded = copy.deepcopy(module)  # earlier layers rounded: where each layer's inputs come from
         q_modules, fp_modules = dict(rounded.named_modules()), dict(module.named_modules())
@@ -103,34 +99,6 @@ class AdaRound(Method):
                         "reconstruction_mse": {n: [round(a, 8), round(b, 8)] for n, (a, b) in list(losses.items())[:20]}}
         return result
 
-    def _run(self, module: torch.nn.Module, loop) -> None:
-        calls = [0]
-
-        def count(_m, _a, _o):
-            calls[0] += 1
-            if calls[0] >= self.settings.samples:
-                raise _Stop
-
-        handle = module.register_forward_hook(count)
-        try:
-            with torch.no_grad():
-                loop(module)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-
-    def _execution_order(self, module: torch.nn.Module, names: set[str], loop) -> list[str]:
-        seen: list[str] = []
-        handles = [sub.register_forward_pre_hook(lambda m, a, n=name: seen.append(n) if n not in seen else None)
-                   for name, sub in module.named_modules() if name in names]
-        try:
-            self._run(module, loop)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return seen
-
     def _cache(self, rounded, q_layer, module, fp_layer, loop) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The layer's inputs in the rounded model, and its FP32 outputs in the FP32 model, per call."""
         inputs: list[torch.Tensor] = []
@@ -144,13 +112,9 @@ class AdaRound(Method):
         def keep_output(m, args, output):
             targets.append(output.detach().clone())
 
-        for model, layer, hook, kind in ((rounded, q_layer, keep_input, "pre"), (module, fp_layer, keep_output, "post")):
-            handle = (layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True) if kind == "pre"
-                      else layer.register_forward_hook(hook))
-            try:
-                self._run(model, loop)
-            finally:
-                handle.remove()
+        run_data(rounded, loop, self.settings.samples,
+                 [q_layer.register_forward_pre_hook(keep_input, with_kwargs=True, prepend=True)])
+        run_data(module, loop, self.settings.samples, [fp_layer.register_forward_hook(keep_output)])
         return inputs, targets
 
     def _optimise(self, layer, qp, inputs, targets) -> tuple[torch.Tensor, tuple[float, float]]:

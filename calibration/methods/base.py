@@ -91,3 +91,26 @@ class Method:
 
     def run(self, target: MethodTarget) -> MethodResult:
         raise NotImplementedError
+
+
+def run_data(module: torch.nn.Module, forward_loop: ForwardLoop, samples: int | None = None, handles=()) -> None:
+    """Feed the calibration data through ``module`` without gradients (the first ``samples`` component
+    calls when given), then take ``handles``' hooks off."""
+    from ..sqnr import limited
+
+    try:
+        with torch.no_grad():
+            (limited(forward_loop, samples) if samples else forward_loop)(module)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def execution_order(module: torch.nn.Module, names, forward_loop: ForwardLoop, samples: int | None = None) -> list[str]:
+    """``names`` (submodule names) in the order the data first reaches them."""
+    seen: list[str] = []
+    wanted = set(names)
+    handles = [sub.register_forward_pre_hook(lambda m, a, n=name: seen.append(n) if n not in seen else None)
+               for name, sub in module.named_modules() if name in wanted]
+    run_data(module, forward_loop, samples, handles)
+    return seen

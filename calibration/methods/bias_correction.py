@@ -24,15 +24,11 @@ from quant.fake_quant import apply_encodings, set_parameters
 from quant.slots import call_input
 
 from . import register_method
-from .base import Method, MethodError, MethodResult, MethodTarget
+from .base import Method, MethodError, MethodResult, MethodTarget, execution_order, run_data
 
 
 def _channel_axis(layer: torch.nn.Module) -> int:
     return -1 if isinstance(layer, torch.nn.Linear) else 1
-
-
-class _Stop(Exception):
-    pass
 
 
 @register_method
@@ -54,7 +50,7 @@ class BiasCorrection(Method):
             raise MethodError("bias_correction needs calibration data (a forward loop)")
         module = target.module
         plans = [p for p in target.plans if isinstance(p.module, (torch.nn.Linear, torch.nn.Conv2d))]
-        order = self._execution_order(module, [p.name for p in plans], target.forward_loop)
+        order = execution_order(module, [p.name for p in plans], target.forward_loop, self.settings.samples)
         quantized = copy.deepcopy(module)
         apply_encodings(quantized, target.entries, target.component, where="bias_correction")
         q_layers, fp_layers = dict(quantized.named_modules()), dict(module.named_modules())
@@ -73,35 +69,6 @@ class BiasCorrection(Method):
         shifts.sort(key=lambda item: -item[1])
         result.stats = {"layers": len(shifts), "largest_mean_abs_shift": [[n, round(v, 6)] for n, v in shifts[:5]]}
         return result
-
-    def _execution_order(self, module: torch.nn.Module, names: list[str], loop) -> list[str]:
-        seen: list[str] = []
-        wanted = set(names)
-        handles = [sub.register_forward_pre_hook(lambda m, a, n=name: seen.append(n) if n not in seen else None)
-                   for name, sub in module.named_modules() if name in wanted]
-        try:
-            self._run(module, loop)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return seen
-
-    def _run(self, module: torch.nn.Module, loop) -> None:
-        calls = [0]
-
-        def count(_m, _a, _o):
-            calls[0] += 1
-            if calls[0] >= self.settings.samples:
-                raise _Stop
-
-        handle = module.register_forward_hook(count)
-        try:
-            with torch.no_grad():
-                loop(module)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
 
     def _mean_shift(self, quantized: torch.nn.Module, q_layer: torch.nn.Module, fp_layer: torch.nn.Module,
                     loop) -> torch.Tensor | None:
@@ -123,13 +90,9 @@ class BiasCorrection(Method):
             count[0] += diff[0].numel()
 
         raw_input.x = None
-        handles = [q_layer.register_forward_pre_hook(raw_input, with_kwargs=True, prepend=True),
-                   q_layer.register_forward_hook(compare, with_kwargs=True)]
-        try:
-            self._run(quantized, loop)
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_data(quantized, loop, self.settings.samples,
+                 [q_layer.register_forward_pre_hook(raw_input, with_kwargs=True, prepend=True),
+                  q_layer.register_forward_hook(compare, with_kwargs=True)])
         if not total:
             return None
         return torch.stack(total).sum(dim=0) / count[0]

@@ -29,7 +29,7 @@ from quant.quantizers import fake_quantize, qparams_from_range
 from quant.slots import call_input
 
 from . import register_method
-from .base import Method, MethodError, MethodResult, MethodTarget
+from .base import Method, MethodError, MethodResult, MethodTarget, run_data
 
 SELECTIONS = ("all", "linear", "top_k", "sqnr_below")
 
@@ -104,15 +104,9 @@ class SmoothQuant(Method):
 
     def _observe(self, target: MethodTarget, plans: list, stats: dict[str, _InputStats]) -> dict[str, float]:
         """Two passes over the data: the inputs' ranges, then their quantization error under the recipe's quantizer."""
-        handles = [p.module.register_forward_pre_hook(
+        run_data(target.module, target.forward_loop, handles=[p.module.register_forward_pre_hook(
             lambda m, args, kwargs, s=stats[p.name]: s.observe(call_input(m, args, kwargs, 0)), with_kwargs=True)
-            for p in plans]
-        try:
-            with torch.no_grad():
-                target.forward_loop(target.module)
-        finally:
-            for handle in handles:
-                handle.remove()
+            for p in plans])
         if self.settings.select not in ("top_k", "sqnr_below"):
             return {}
         power = {p.name: [0.0, 0.0] for p in plans}
@@ -129,13 +123,8 @@ class SmoothQuant(Method):
                 power[name][1] += float(((x - fake_quantize(x, quantizers[name])) ** 2).sum())
             return hook
 
-        handles = [p.module.register_forward_pre_hook(measure(p.name), with_kwargs=True) for p in plans]
-        try:
-            with torch.no_grad():
-                target.forward_loop(target.module)
-        finally:
-            for handle in handles:
-                handle.remove()
+        run_data(target.module, target.forward_loop,
+                 handles=[p.module.register_forward_pre_hook(measure(p.name), with_kwargs=True) for p in plans])
         return {name: (math.inf if err == 0 else 10.0 * math.log10(sig / err)) for name, (sig, err) in power.items()}
 
     def _select(self, plans: list, errors: dict[str, float]) -> list:

@@ -25,8 +25,7 @@ import torch
 
 from quant.encodings import parse_key
 
-from ..sqnr import root_output
-from .sensitivity import Entries, ForwardLoop, QuantizedLayers
+from .sensitivity import Entries, ForwardLoop, OutputRecorder, QuantizedLayers
 
 
 def top_level_block(layer: str) -> str:
@@ -61,34 +60,9 @@ class BlockAnalysis:
                 "cumulative_total_sqnr_db": self.cumulative_total_db, "alone_total_sqnr_db": self.alone_total_db}
 
 
-class _PerTimestep:
-    """Runs the forward loop and keeps (timestep, output) of every root call."""
-
-    def __init__(self, module: torch.nn.Module, forward_loop: ForwardLoop, samples: int):
-        self.module, self.forward_loop, self.samples = module, forward_loop, samples
-
-    def __call__(self) -> list[tuple[int, torch.Tensor]]:
-        seen: list[tuple[int, torch.Tensor]] = []
-
-        class Enough(Exception):
-            pass
-
-        def keep(_module, args, kwargs, output):
-            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            step = -1 if t is None else int(torch.as_tensor(t).flatten()[0])  # a module without timesteps: one column
-            seen.append((step, root_output(output).detach().float().clone()))
-            if len(seen) >= self.samples:
-                raise Enough
-
-        handle = self.module.register_forward_hook(keep, with_kwargs=True)
-        try:
-            with torch.inference_mode():
-                self.forward_loop(self.module)
-        except Enough:
-            pass
-        finally:
-            handle.remove()
-        return seen
+def _per_timestep(run: OutputRecorder) -> list[tuple[int, torch.Tensor]]:
+    outputs = run()
+    return list(zip(run.timesteps, outputs))
 
 
 def _sqnr_by_timestep(outputs, reference, timesteps: list[int]) -> tuple[list[float], float]:
@@ -110,7 +84,8 @@ def block_progressive(module: torch.nn.Module, entries: Entries, forward_loop: F
     handles = [sub.register_forward_pre_hook(lambda m, a, b=top_level_block(name): order.append(b)
                                              if b not in order else None)
                for name, sub in module.named_modules() if name in set(layers)]
-    run = _PerTimestep(module, forward_loop, samples)
+    recorder = OutputRecorder(module, forward_loop, samples)
+    run = lambda: _per_timestep(recorder)  # noqa: E731
     try:
         reference = run()
     finally:

@@ -90,24 +90,29 @@ class Sensitivity:
 
 
 class OutputRecorder:
-    """Runs the forward loop and keeps the root module's output of each call."""
+    """Runs the forward loop and keeps the root module's output of each call (and the call's timestep:
+    ``timesteps[i]``, -1 for a module called without one)."""
 
     def __init__(self, module: torch.nn.Module, forward_loop: ForwardLoop, samples: int):
         self.module, self.forward_loop, self.samples = module, forward_loop, samples
         self.passes = 0
+        self.timesteps: list[int] = []
 
     def __call__(self) -> list[torch.Tensor]:
         outputs: list[torch.Tensor] = []
+        self.timesteps = []
 
         class Enough(Exception):
             pass
 
-        def keep(_module, _args, output):
+        def keep(_module, args, kwargs, output):
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            self.timesteps.append(-1 if t is None else int(torch.as_tensor(t).flatten()[0]))
             outputs.append(root_output(output).detach().float().clone())
             if len(outputs) >= self.samples:
                 raise Enough
 
-        handle = self.module.register_forward_hook(keep)
+        handle = self.module.register_forward_hook(keep, with_kwargs=True)
         try:
             with torch.inference_mode():
                 self.forward_loop(self.module)
