@@ -196,7 +196,7 @@ class PercentileObserver(HistogramObserver):
 
 
 def _expected_error(centres: torch.Tensor, counts: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                    fmt: QFormat, symmetric: bool) -> torch.Tensor:
+                    fmt: QFormat, symmetric: bool, saturation_weight: float = 1.0) -> torch.Tensor:
     """Expected squared q/dq error of histogram mass for candidate ranges, by the standard noise model.
 
     ``centres``/``counts`` are ``(C, 1, bins)``, ``lo``/``hi`` ``(C, K, 1)``; returns ``(C, K)``. Mass
@@ -215,7 +215,7 @@ def _expected_error(centres: torch.Tensor, counts: torch.Tensor, lo: torch.Tenso
     else:
         step = scale.expand_as(clipped)
     inside = clipped == 0
-    noise = torch.where(inside, step.pow(2) / 12.0, clipped.pow(2))
+    noise = torch.where(inside, step.pow(2) / 12.0, saturation_weight * clipped.pow(2))
     return (counts * noise).sum(dim=-1)
 
 
@@ -246,6 +246,9 @@ class MseObserver(HistogramObserver):
         hi = seen_hi.clamp(min=0)[:, None] * fractions.repeat(self.grid)
         return lo, hi
 
+    #: weight of clipped (saturated) mass against rounding noise in the cost
+    saturation_weight = 1.0
+
     def compute_range(self, fmt: QFormat, symmetric: bool) -> Range:
         if self.hist is None:
             raise RuntimeError("observer saw no data")
@@ -255,13 +258,44 @@ class MseObserver(HistogramObserver):
         for c in range(0, lo.shape[0], self.chunk):
             sl = slice(c, c + self.chunk)
             errors = _expected_error(centres[sl, None, :], self.hist[sl, None, :], lo[sl, :, None], hi[sl, :, None],
-                                     fmt, symmetric)
+                                     fmt, symmetric, self.saturation_weight)
             best[sl] = errors.argmin(dim=1)
         pick = best[:, None]
         return lo.gather(1, pick).squeeze(1).float(), hi.gather(1, pick).squeeze(1).float()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "bins": self.bins}
+
+
+class TfEnhancedObserver(MseObserver):
+    """AIMET's default range scheme, ``post_training_tf_enhanced`` (``TfEnhancedEncodingAnalyzer``).
+
+    A 512-bin histogram; candidates as AIMET's: asymmetric, 17 deltas ``f * delta_max`` (f = 1/16 ...
+    17/16, ``delta_max`` = the observed range, widened to contain 0, over ``2^b - 1`` steps) times 21
+    offsets ``-N + N i / 20`` (the range's position around zero), each clamped to the observed range,
+    plus the observed range itself; symmetric, 101 deltas. Cost: quantization noise + 3 x saturation
+    (``GAMMA = 3.0``), by the expected-error model :class:`MseObserver` uses.
+    """
+
+    kind = "tf_enhanced"
+    saturation_weight = 3.0
+
+    def __init__(self, axis: int | None = None, bins: int = 512, chunk: int = 8):
+        super().__init__(axis, bins, steps=101, chunk=chunk)
+
+    def _candidates(self, seen_lo: torch.Tensor, seen_hi: torch.Tensor, fmt: QFormat,
+                    symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if symmetric or fmt.is_float:
+            return super()._candidates(seen_lo, seen_hi, fmt, symmetric)
+        lo_seen, hi_seen = seen_lo.clamp(max=0)[:, None], seen_hi.clamp(min=0)[:, None]
+        steps = float(fmt.qmax - fmt.qmin)
+        delta_max = (hi_seen - lo_seen) / steps
+        deltas = torch.arange(1, 18, dtype=torch.float64) / 16.0  # 17
+        offsets = -steps + steps * torch.arange(21, dtype=torch.float64) / 20.0  # 21, from -N to 0
+        delta = delta_max * deltas.repeat_interleave(21)
+        lo = (delta * offsets.repeat(17)).maximum(lo_seen)
+        hi = (lo + delta * steps).minimum(hi_seen)
+        return torch.cat([lo, lo_seen], dim=1), torch.cat([hi, hi_seen], dim=1)
 
 
 class EntropyObserver(HistogramObserver):
@@ -320,7 +354,8 @@ class EntropyObserver(HistogramObserver):
 
 
 OBSERVERS: dict[str, type[Observer]] = {cls.kind: cls for cls in
-                                        (MinMaxObserver, EmaMinMaxObserver, PercentileObserver, MseObserver, EntropyObserver)}
+                                        (MinMaxObserver, EmaMinMaxObserver, PercentileObserver, MseObserver,
+                                         TfEnhancedObserver, EntropyObserver)}
 
 
 class TimestepKeyedObserver(Observer):
