@@ -245,3 +245,20 @@ def test_mixed_precision_command_writes_configurations_that_fake_quant_and_ort_r
             torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2))
     fake_quant, ort = torch_backend.predict_noise(*args), ort_backend.predict_noise(*args)
     assert sqnr_db(fake_quant, ort) > 30.0
+
+
+def test_bitops_prices_16_bit_activations_that_weight_size_calls_free():
+    """W8A8 and W8A16 take the same weight bits; BitOps (MACs x w bits x a bits) charges A16 twice A8."""
+    model = Chain(outlier=False).eval()
+    base = {"name": "w8a8-toy", "components": ["unet"], "types": ["Linear"],
+            "weights": {"dtype": "int8", "symmetric": True, "axis": 0, "observer": "minmax"},
+            "inputs": {"dtype": "uint8", "symmetric": False, "axis": None, "observer": "minmax"}}
+    a16 = dict(base, name="w8a16-toy", inputs=dict(base["inputs"], dtype="uint16"))
+    schemes = {n: quantize(model, r, _data_loop(), component="unet", apply=False).components["unet"]
+               for n, r in (("w8a8", base), ("w8a16", a16))}
+    sensitivity = measure_sensitivity(model, schemes, _data_loop(), samples=4, pairs="none")
+    macs = 32 * 16 * 16  # a batch of 32 rows through a 16x16 Linear, per call
+    for group in sensitivity.groups:
+        assert sensitivity.bits[group]["w8a8"] == sensitivity.bits[group]["w8a16"]
+        assert sensitivity.bitops[group] == {"fp16": 256 * macs, "w8a8": 64 * macs, "w8a16": 128 * macs}
+    assert sensitivity.problem("bitops").size[0].tolist() == [256 * macs, 64 * macs, 128 * macs]

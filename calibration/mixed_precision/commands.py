@@ -56,6 +56,10 @@ def register(subparsers) -> None:
     _add_common(mixed)
     mixed.add_argument("--percents", help="size budgets, % of FP16, comma-separated (default: the all-quantized "
                                           "size +0.1, +1, then +10-point steps to 100)")
+    mixed.add_argument("--constraint", default="size", choices=("size", "bitops"),
+                       help="what the budget limits: weight size (default; ANNA's, all options 8-bit activations) "
+                            "or BitOps, MACs x weight bits x activation bits (AIMET AMP's; for schemes that "
+                            "differ in activation bits)")
     mixed.add_argument("--baseline", help="the uniform scheme the budgets grow from (default: the first scheme)")
     mixed.add_argument("--target-sqnr", type=float, help="report the smallest DP configuration whose measured "
                                                          "output SQNR reaches this (dB)")
@@ -161,7 +165,7 @@ def _percents(args: argparse.Namespace, smallest: float) -> list[float]:
 
 
 def run_mixed_precision(args: argparse.Namespace) -> int:
-    from .search import SizeModel, configuration_entries, measure_configuration, rank_correlation, sweep
+    from .search import budget_model, configuration_entries, measure_configuration, rank_correlation, sweep
     from .sensitivity import OutputRecorder
 
     started = time.time()
@@ -169,10 +173,12 @@ def run_mixed_precision(args: argparse.Namespace) -> int:
         raise UserError(f"--baseline {args.baseline} is not one of --schemes")
     spec, unet, schemes, loop, data = prepare(args)
     sensitivity = _measure(args, unet, schemes, loop)
-    sizes = SizeModel(unet, sensitivity)
+    sizes = budget_model(unet, sensitivity, args.constraint)
     baseline = args.baseline or sensitivity.schemes[0]
-    smallest = sizes.percent(sum(min(b.values()) for b in sensitivity.bits.values()))
-    points = sweep(sensitivity, sizes, _percents(args, smallest), baseline, args.random_draws)
+    costs = sensitivity.bits if args.constraint == "size" else sensitivity.bitops
+    smallest = sizes.percent(sum(min(c.values()) for c in costs.values()))
+    points = sweep(sensitivity, sizes, _percents(args, smallest), baseline, args.random_draws,
+                   constraint=args.constraint)
     reference = OutputRecorder(unet, loop, args.samples)()
     output = Path(args.output)
     (output / "encodings").mkdir(exist_ok=True)
@@ -185,7 +191,9 @@ def run_mixed_precision(args: argparse.Namespace) -> int:
     dp = [p for p in points if p.method == "dp"]
     result: dict[str, Any] = {
         "mixed_precision_json_version": 1, "profile": spec.profile, "schemes": sensitivity.schemes,
-        "baseline": baseline, "samples": args.samples, "pairs": args.pairs,
+        "baseline": baseline, "samples": args.samples, "pairs": args.pairs, "constraint": args.constraint,
+        "percent_of": "FP16 weight size of the UNet" if args.constraint == "size" else
+                      "FP16 BitOps (16x16 bits per MAC) of the candidate groups",
         "sensitivity": {"groups": len(sensitivity.groups), "unet_calls": sensitivity.forward_passes,
                         "seconds": round(sensitivity.seconds, 1)},
         "rank_correlation_dp": rank_correlation([p.predicted_mse for p in dp], [p.measured_mse for p in dp]),
@@ -237,6 +245,7 @@ def _write_table(output: Path, points, result: dict) -> None:
                           "output SQNR dB"], rows, markdown=True)
     rho = result["rank_correlation_dp"]
     lines = [f"# Mixed precision: {', '.join(result['schemes'])} (profile {result['profile']})", "",
+             f"Budgets and sizes: % of {result['percent_of']}.", "",
              f"{result['sensitivity']['groups']} candidate groups; sensitivity {result['sensitivity']['unet_calls']} UNet "
              f"calls in {result['sensitivity']['seconds']} s; {result['samples']} samples per measurement.", "", table, "",
              f"Rank correlation, predicted vs measured MSE over the DP sweep: {rho:.3f}" if rho is not None else

@@ -62,6 +62,27 @@ class SizeModel:
         return percent / 100.0 * self.fp16_bits - self.fixed_bits
 
 
+class BitOpsModel:
+    """Percent of the candidate groups' FP16 BitOps (16 x 16 bits per MAC) for a choice of options.
+
+    Layers outside the candidate groups are not counted (their MACs run at whatever they run at in
+    every configuration alike), so the percentages are of the part the search decides.
+    """
+
+    def __init__(self, sensitivity: Sensitivity):
+        self.fp16_bitops = sum(sensitivity.bitops[g][FP16] for g in sensitivity.groups)
+
+    def percent(self, group_bitops: float) -> float:
+        return 100.0 * group_bitops / self.fp16_bitops
+
+    def group_budget(self, percent: float) -> float:
+        return percent / 100.0 * self.fp16_bitops
+
+
+def budget_model(module: torch.nn.Module, sensitivity: Sensitivity, constraint: str):
+    return SizeModel(module, sensitivity) if constraint == "size" else BitOpsModel(sensitivity)
+
+
 def configuration_entries(choice: Mapping[str, str], schemes: Mapping[str, Entries],
                           group_layers: Mapping[str, list[str]]) -> dict[str, Any]:
     """The component's encodings entries for a choice: each group's layers from its scheme, FP16 ones absent."""
@@ -96,13 +117,12 @@ def random_fp16(problem: Problem, sensitivity: Sensitivity, scheme: str, keep: i
     return Solution(choice, problem.cost(choice), problem.total_size(choice), f"random-fp16 (seed {seed})")
 
 
-def sweep(sensitivity: Sensitivity, sizes: SizeModel, percents: list[float], baseline_scheme: str,
-          random_draws: int = 5, resolution: int = 4000) -> list[Configuration]:
-    """For each size budget (% of FP16): the DP optimum, the greedy one, and random-FP16 draws of equal count.
-
-    Also the all-``baseline_scheme`` configuration (every group quantized): the point the budgets grow from.
+def sweep(sensitivity: Sensitivity, sizes, percents: list[float], baseline_scheme: str,
+          random_draws: int = 5, resolution: int = 4000, constraint: str = "size") -> list[Configuration]:
+    """For each budget (% of FP16 size, or of FP16 BitOps): the DP optimum, the greedy one, and random-FP16
+    draws of equal count. Also the all-``baseline_scheme`` configuration: the point the budgets grow from.
     """
-    problem = sensitivity.problem()
+    problem = sensitivity.problem(constraint)
     index = sensitivity.schemes.index(baseline_scheme) + 1
     uniform = [index] * problem.n
     points = [_as_configuration(f"all {baseline_scheme}", Solution(uniform, problem.cost(uniform),

@@ -42,6 +42,8 @@ _ATTENTION = re.compile(r"^(.*\.attn\d+)\.")
 
 #: which consecutive-pair interactions to measure: none, same scheme on both groups, or every pair
 PAIR_MODES = ("none", "same", "all")
+#: what a budget constrains: weight size, or BitOps
+CONSTRAINTS = ("size", "bitops")
 
 
 def group_of(layer: str) -> str:
@@ -60,6 +62,8 @@ class Sensitivity:
     unary: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # group -> scheme -> mse, sqnr_db
     pairs: dict[str, dict[str, float]] = field(default_factory=dict)  # "a|b" -> "sa|sb" -> interaction
     bits: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> option -> weight bits
+    #: group -> option -> BitOps per component call (MACs x weight bits x activation bits, AIMET AMP's measure)
+    bitops: dict[str, dict[str, float]] = field(default_factory=dict)
     reference_power: float = 0.0
     seconds: float = 0.0
     forward_passes: int = 0
@@ -68,11 +72,19 @@ class Sensitivity:
         """Groups by MSE under ``scheme``, most sensitive first."""
         return sorted(((g, self.unary[g][scheme]["mse"]) for g in self.groups), key=lambda item: -item[1])
 
-    def problem(self) -> Problem:
-        """The solver's instance: options ``[fp16, *schemes]`` per group, in execution order."""
+    def problem(self, constraint: str = "size") -> Problem:
+        """The solver's instance: options ``[fp16, *schemes]`` per group, in execution order.
+
+        ``constraint``: ``size`` (weight bits: where every option has 8-bit activations, ANNA's case) or
+        ``bitops`` (MACs x weight bits x activation bits: where options differ in activation bits,
+        W8A16 against W8A8, which weight size alone would price the same).
+        """
+        if constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {constraint!r}")
         options = [FP16, *self.schemes]
         unary = [[0.0] + [self.unary[g][s]["mse"] for s in self.schemes] for g in self.groups]
-        size = [[self.bits[g][o] for o in options] for g in self.groups]
+        cost = self.bits if constraint == "size" else self.bitops
+        size = [[cost[g][o] for o in options] for g in self.groups]
         pair = []
         for a, b in zip(self.groups, self.groups[1:]):
             measured = self.pairs.get(f"{a}|{b}", {})
@@ -85,7 +97,7 @@ class Sensitivity:
 
     def to_json(self) -> dict[str, Any]:
         return {"groups": self.groups, "schemes": self.schemes, "layers": self.layers, "unary": self.unary, "pairs": self.pairs,
-                "bits": self.bits, "reference_power": self.reference_power, "seconds": self.seconds,
+                "bits": self.bits, "bitops": self.bitops, "reference_power": self.reference_power, "seconds": self.seconds,
                 "forward_passes": self.forward_passes}
 
 
@@ -127,17 +139,33 @@ class OutputRecorder:
 
 
 class _ExecutionOrder:
-    """Records, while active, the order in which the data first reaches each of ``layers``."""
+    """Records, while active, the order in which the data first reaches each of ``layers``, and each
+    layer's multiply-accumulates (summed over the calls; divided by the root's calls for per-call MACs)."""
 
     def __init__(self, module: torch.nn.Module, layers: set[str]):
         self.layers, self.order = layers, []
-        self.handles = [sub.register_forward_pre_hook(self._seen(name)) for name, sub in module.named_modules()
-                        if name in layers]
+        self.macs: dict[str, float] = {}
+        modules = [(name, sub) for name, sub in module.named_modules() if name in layers]
+        self.handles = [sub.register_forward_pre_hook(self._seen(name)) for name, sub in modules]
+        self.handles += [sub.register_forward_hook(self._count(name)) for name, sub in modules]
 
     def _seen(self, name: str):
         def hook(_module, _args):
             if name not in self.order:
                 self.order.append(name)
+        return hook
+
+    def _count(self, name: str):
+        def hook(layer, _args, output):
+            if not isinstance(output, torch.Tensor):
+                return
+            if isinstance(layer, torch.nn.Linear):
+                per_output = layer.in_features
+            elif isinstance(layer, torch.nn.Conv2d):
+                per_output = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+            else:
+                return
+            self.macs[name] = self.macs.get(name, 0.0) + float(output.numel() * per_output)
         return hook
 
     def close(self) -> list[str]:
@@ -204,6 +232,7 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
         reference = run()
     finally:
         order = recorder.close()
+    macs = {layer: m / len(reference) for layer, m in recorder.macs.items()}  # per component call
     first_seen = {layer: i for i, layer in enumerate(order)}
     group_names = sorted(grouped, key=lambda g: min(first_seen.get(layer, len(order)) for layer in grouped[g]))
     names = list(schemes)
@@ -228,11 +257,22 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
 
     params = {name: sub.weight.numel() for name, sub in module.named_modules()
               if name in layers and isinstance(getattr(sub, "weight", None), torch.Tensor)}
+    def activation_bits(entries, layer: str) -> int:
+        value = entries.get(f"{layer}:input[0]")
+        return 16 if value is None else (value[0] if isinstance(value, list) else value).bits
+
+    def weight_width(entries, layer: str) -> int:
+        value = entries.get(f"{layer}:weight[0]")
+        return 16 if value is None else (value[0] if isinstance(value, list) else value).bits
+
     for group in group_names:
         state.bits[group] = {FP16: sum(16.0 * params.get(layer, 0) for layer in grouped[group])}
+        state.bitops[group] = {FP16: sum(256.0 * macs.get(layer, 0.0) for layer in grouped[group])}
         for scheme, entries in schemes.items():
             state.bits[group][scheme] = sum(
                 weight_bits(params.get(layer, 0), entries.get(f"{layer}:weight[0]")) for layer in grouped[group])
+            state.bitops[group][scheme] = sum(macs.get(layer, 0.0) * weight_width(entries, layer)
+                                              * activation_bits(entries, layer) for layer in grouped[group])
 
     iterate = progress or (lambda items, **_: items)
     for index in iterate(range(len(group_names)), desc="sensitivity", total=len(group_names)):
