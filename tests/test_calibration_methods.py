@@ -476,3 +476,51 @@ def test_adaround_refuses_float_weights():
            "methods": [{"kind": "adaround", "iterations": 1}]}
     with pytest.raises(Exception, match="float format with no rounding grid"):
         quantize(_ada_model(), fp8, _ada_loop, component="unet", apply=False)
+
+# -- qncd_smoothing --------------------------------------------------------------------------------------------
+
+def _resblock():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(7)
+    block = ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=8, groups=4).eval()
+    with torch.no_grad():
+        block.norm2.weight.copy_(torch.linspace(0.5, 2.0, 16))
+    return block
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, temb):
+        return self.block(x, temb)
+
+
+RES_DATA = [(torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(i)),
+             torch.randn(2, 8, generator=torch.Generator().manual_seed(100 + i)) * 3) for i in range(3)]
+
+
+def _res_loop(model):
+    for x, temb in RES_DATA:
+        model(x, temb)
+
+
+def test_qncd_smoothing_matches_qncd_formula_and_is_exact_in_fp32():
+    from calibration.methods.qncd_smoothing import group_normalised
+
+    model, reference = _Wrapped(_resblock()), _Wrapped(_resblock())
+    recipe = {**PER_CHANNEL_W8A8, "types": ["Conv2d"], "methods": [{"kind": "qncd_smoothing"}]}
+    encodings = quantize(model, recipe, _res_loop, component="unet", apply=False)
+    with torch.no_grad():  # conv2 weights x s, its input / s: the same function
+        for x, temb in RES_DATA:
+            assert torch.allclose(model(x, temb), reference(x, temb), rtol=1e-5, atol=1e-5)
+        # QNCD's save_temb / set_conv_weight by hand: GN without affine, clamp >= 1, mean, clamp, x gamma
+        block = reference.block
+        per_call = [group_normalised(block.time_emb_proj(torch.nn.functional.silu(t)), block.norm2).clamp(min=1)
+                    for _, t in RES_DATA]
+        expected = block.norm2.weight * torch.cat(per_call).mean(dim=0).clamp(min=1)
+    got = 1.0 / torch.tensor(encodings.pre_scales["unet"]["block.conv2:input[0]"].scale)
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert encodings.methods[0]["stats"]["blocks"] == 1
