@@ -135,6 +135,7 @@ class _Calibration:
         self.pre_scales: dict[str, PreScale] = {}
         self.changed: set[str] = set()  # parameter names methods wrote
         self.records: list[dict[str, Any]] = []
+        self.runtime: dict[str, Any] = {}
 
     def run_methods(self, phase: str) -> None:
         for config in self.recipe.methods:
@@ -144,6 +145,10 @@ class _Calibration:
                                   dict(self.pre_scales))
             result, record = _run_method(config, target)
             self._apply(result, phase, f"{self.recipe.source}: {config.kind} on {self.component}")
+            if result.runtime and not method_class(config.kind).changes_sampler:
+                raise MethodError(f"{self.recipe.source}: {config.kind} returned runtime settings but does not "
+                                  "declare changes_sampler")
+            self.runtime.update(result.runtime)
             self.records.append(record)
 
     def _apply(self, result: MethodResult, phase: str, where: str) -> None:
@@ -189,7 +194,8 @@ class _Calibration:
         encodings = Encodings(components={component: self.entries}, recipe=self.recipe.to_json(),
                               excluded={component: self.excluded}, methods=self.records,
                               pre_scales={component: dict(self.pre_scales)} if self.pre_scales else {},
-                              delta={f"{component}.{name}": params[name].detach().clone() for name in sorted(self.changed)})
+                              delta={f"{component}.{name}": params[name].detach().clone() for name in sorted(self.changed)},
+                              runtime=dict(self.runtime))
         encodings.size[component] = model_size(self.module, self.entries)
         return encodings
 

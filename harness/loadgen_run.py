@@ -28,7 +28,17 @@ def build_pipeline(config: RunConfig):
                              extra={"cache_dir": config.cache_dir, **config.backend_extra})
     backend = create_backend(config.backend, spec, options)
     tokenizers = load_tokenizers(spec)
-    return SDXLPipeline(backend, spec, tokenizers), tokenizers
+    return SDXLPipeline(backend, spec, tokenizers, noise_correction=noise_correction_of(config)), tokenizers
+
+
+def noise_correction_of(config: RunConfig):
+    """The sampler change the run's encodings record (QNCD's runtime correction), or None."""
+    if not config.encodings:
+        return None
+    from quant.encodings import Encodings
+    from sdxl.noise_correction import from_runtime
+
+    return from_runtime(Encodings.load(config.encodings).runtime)
 
 
 def _wait_through_interrupts(event: threading.Event) -> None:
@@ -75,6 +85,8 @@ def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, 
         sut.warmup()
         warmup_s = time.time() - started
         pipeline.nonfinite_images = 0  # the count is the test's images', not the partly denoised warm-up's
+        if pipeline.noise_correction is not None:
+            pipeline.noise_correction.extra_unet_calls = 0
     sut_handle = sut.start()
     qsl_handle = qsl.construct()
     audit = str(Path(config.audit_conf).resolve()) if config.audit_conf else NO_AUDIT_CONFIG
@@ -113,4 +125,7 @@ def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, 
     result.update(build_s=round(build_s, 3), warmup_s=round(warmup_s, 3), test_s=round(test_s, 3),
                   sut=sut.stats.describe(), backend=pipeline.backend.describe(),
                   nonfinite_images=pipeline.nonfinite_images)
+    if pipeline.noise_correction is not None:  # QNCD: one extra CFG call per estimate, per batch
+        result.update(noise_correction=pipeline.noise_correction.describe(),
+                      extra_unet_calls=pipeline.noise_correction.extra_unet_calls)
     return result

@@ -171,6 +171,11 @@ def non_compliance_reasons(config: RunConfig, spec, captions, latent) -> list[st
     reasons += Overrides(config.time_s, config.count, config.qps).non_compliant_reasons()
     if config.backend == "null":
         reasons.append("null backend (black images)")
+    if config.encodings:
+        from .loadgen_run import noise_correction_of
+
+        if noise_correction_of(config) is not None:
+            reasons.append("sampler changed: the encodings' runtime noise correction (QNCD) adds UNet calls")
     return reasons
 
 
@@ -225,6 +230,8 @@ def execute_run(config: RunConfig) -> RunRecord:
                 record.finish("failed", f"calibration: {result['error']}")
                 return record
             config.encodings = record.data["backend"]["encodings"] = result["encodings"]
+            reasons = non_compliance_reasons(config, spec, captions, latent)  # the encodings may change the sampler
+            record.data.update(compliant=not reasons, non_compliance_reasons=reasons)
         for mode in config.modes:
             result = _run_test_in_child(config, mode, run_dir / mode)
             record.add_test(result)

@@ -197,6 +197,8 @@ class Encodings:
     methods: list[dict[str, Any]] = field(default_factory=list)
     #: parameters methods changed, ``<component>.<parameter>`` -> value; written by :meth:`save` as the delta file
     delta: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    #: what a method changed in the sampling loop, for the pipeline: ``{"noise_correction": {"kind": "qncd", ...}}``
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     def component(self, name: str) -> dict[str, Encoding | list[Encoding]]:
         return self.components.setdefault(name, {})
@@ -211,6 +213,7 @@ class Encodings:
         self.excluded.update(other.excluded)
         self.methods.extend(other.methods)
         self.delta.update(other.delta)
+        self.runtime.update(other.runtime)
         return self
 
     def num_quantizers(self) -> int:
@@ -221,6 +224,7 @@ class Encodings:
                 "recipe": self.recipe, "model": self.model, "calibration": self.calibration,
                 "methods": self.methods, "weights_delta": self.weights_delta,
                 "weights_delta_sha256": self.weights_delta_sha256, "size": self.size, "excluded": self.excluded,
+                **({"runtime": self.runtime} if self.runtime else {}),
                 "pre_scales": {c: {k: v.to_json() for k, v in sorted(scales.items())}
                                for c, scales in self.pre_scales.items() if scales},
                 "components": {c: {k: ([e.to_json() for e in v] if isinstance(v, list) else v.to_json())
@@ -297,4 +301,5 @@ class Encodings:
                 pre_scales.setdefault(comp, {})[key] = PreScale.from_json(value, here)
         return cls(components, data.get("recipe") or {}, data.get("model") or {}, data.get("calibration") or {},
                    data.get("size") or {}, data.get("weights_delta"), data.get("excluded") or {},
-                   data.get("weights_delta_sha256"), pre_scales, list(data.get("methods") or []))
+                   data.get("weights_delta_sha256"), pre_scales, list(data.get("methods") or []),
+                   runtime=dict(data.get("runtime") or {}))

@@ -524,3 +524,17 @@ def test_qncd_smoothing_matches_qncd_formula_and_is_exact_in_fp32():
     got = 1.0 / torch.tensor(encodings.pre_scales["unet"]["block.conv2:input[0]"].scale)
     assert torch.allclose(got, expected, rtol=1e-5)
     assert encodings.methods[0]["stats"]["blocks"] == 1
+
+
+def test_qncd_noise_correction_is_recorded_as_runtime_and_makes_runs_non_compliant(tmp_path):
+    from harness.loadgen_run import noise_correction_of
+    from harness.run_config import RunConfig
+
+    recipe = {**PER_CHANNEL_W8A8, "methods": [{"kind": "qncd_noise_correction", "interval": 5}]}
+    encodings = quantize(Outlier().eval(), recipe, _outlier_loop, component="unet", apply=False)
+    assert encodings.runtime == {"noise_correction": {"kind": "qncd", "interval": 5, "seed": 0}}
+    assert encodings.methods[0]["changes_sampler"] is True  # the submission's closed-division check refuses it
+    path = encodings.save(tmp_path / "enc.json")
+    assert Encodings.load(path).runtime == encodings.runtime
+    correction = noise_correction_of(RunConfig(encodings=str(path)))
+    assert correction.interval == 5 and noise_correction_of(RunConfig()) is None

@@ -21,7 +21,8 @@ from .base import PHASES, Method, MethodError, MethodResult, MethodTarget
 #: modules holding the built-in methods, imported on first lookup
 _METHOD_MODULES = ("calibration.methods.weight_balance", "calibration.methods.smoothquant",
                    "calibration.methods.bias_correction", "calibration.methods.cross_layer_equalization",
-                   "calibration.methods.adaround", "calibration.methods.qncd_smoothing")
+                   "calibration.methods.adaround", "calibration.methods.qncd_smoothing",
+                   "calibration.methods.qncd_correction")
 _REGISTRY: dict[str, type[Method]] = {}
 
 

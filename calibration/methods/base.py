@@ -65,6 +65,8 @@ class MethodResult:
     pre_scales: dict[str, PreScale] = field(default_factory=dict)
     encodings: dict[str, Encoding | list[Encoding]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    #: settings the sampling loop reads from the encodings (``runtime``; methods with ``changes_sampler`` only)
+    runtime: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
