@@ -14,6 +14,7 @@ import torch
 
 from sdxl.benchmark_spec import NEGATIVE_PROMPT
 from sdxl.dataset import file_sha256
+from sdxl.io import atomic_path
 from sdxl.shipped_weights import pack, used_rows_only
 from sdxl.tokenizers import tokenize
 
@@ -42,9 +43,8 @@ def shippable(state: dict[str, torch.Tensor], token_ids: torch.Tensor) -> dict[s
 def _save(flat: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> str:
     from safetensors.torch import save_file
 
-    tmp = path.with_suffix(".tmp")
-    save_file(flat, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # the umask's mode: safetensors alone writes 0600
+        save_file(flat, str(tmp), metadata=metadata)
     return file_sha256(path)
 
 
