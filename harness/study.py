@@ -54,6 +54,9 @@ def register(subparsers) -> None:
                                                                    f"(default {DEFAULT_RECIPES})")
     parser.add_argument("--backends", default="torch,ort", help="comma-separated (default torch,ort)")
     parser.add_argument("--max-samples", type=int_at_least(2), default=100, help="captions per run (default 100)")
+    parser.add_argument("--max-batchsize", type=int_at_least(1), default=8,
+                        help="largest batch each run's SUT forms (default 8: Offline batches of 8 images, as a "
+                             "submission would run; 1 reproduces SingleStream-like serial generation)")
     parser.add_argument("--mode", choices=("accuracy", "both"), default="accuracy",
                         help="LoadGen tests per run: accuracy, or both (an Offline performance test first; images/s "
                              "from it)")
@@ -127,7 +130,7 @@ def run_study(args: argparse.Namespace) -> int:
 
 
 #: what makes runs and encodings in a study directory reusable: the same values of these flags
-SETTINGS = ("profile", "model_path", "max_samples", "num_prompts", "dataset_path", "calibration_captions",
+SETTINGS = ("profile", "model_path", "max_samples", "max_batchsize", "num_prompts", "dataset_path", "calibration_captions",
             "statistics_path")
 
 
@@ -182,6 +185,7 @@ def _run(args: argparse.Namespace, row: StudyRow, encodings: str | None, referen
     modes = ("performance", "accuracy") if args.mode == "both" else ("accuracy",)
     config = RunConfig(profile=args.profile, model_path=args.model_path, backend=row.backend, encodings=encodings,
                        modes=modes, dataset_path=args.dataset_path, max_samples=args.max_samples,
+                       max_batchsize=args.max_batchsize,
                        output=str(row.run_dir), overwrite=True, cache_dir=args.cache_dir, statistics_path=args.statistics_path,
                        reference_run=str(reference) if reference else None)
     try:
