@@ -54,7 +54,10 @@ def test_a_signal_marks_the_run_interrupted_and_loadgen_finishes_its_logs(tmp_pa
     env = dict(os.environ, SDXL_BENCH_NO_PROGRESS="1")
     process = subprocess.Popen([sys.executable, "-m", "harness", "run", "--profile", "tiny", "--count", "64",
                                 "--no-warmup", "--output", str(out)], cwd=ROOT, env=env, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # a background job of a non-interactive shell (CI, nohup ... &) inherits SIGINT
+                               # ignored, and Python then keeps ignoring Ctrl-C: give the run a terminal's default
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     detail = out / "performance" / "mlperf_log_detail.txt"
     deadline = time.time() + 240
     while not (detail.is_file() and detail.stat().st_size > 0) and process.poll() is None and time.time() < deadline:
