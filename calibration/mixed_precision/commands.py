@@ -21,7 +21,7 @@ import numpy as np
 
 from sdxl.arg_types import int_at_least
 from sdxl.errors import UserError
-from sdxl.io import check_writable_dir, format_table, write_json_atomic
+from sdxl.io import atomic_path, check_writable_dir, format_table, write_json_atomic, write_text_atomic
 
 ANNA_SCHEMES = "fp8,fp8-p5-95,fp8-p10-90"
 
@@ -135,7 +135,7 @@ def run_sensitivity(args: argparse.Namespace) -> int:
     _, unet, schemes, loop, _ = prepare(args)
     sensitivity = _measure(args, unet, schemes, loop)
     output = Path(args.output)
-    with open(output / "sensitivity.csv", "w", newline="") as handle:
+    with atomic_path(output / "sensitivity.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["group", "scheme", "mse", "sqnr_db", "bits"])
         for group in sensitivity.groups:
@@ -255,7 +255,7 @@ def _write_table(output: Path, points, result: dict) -> None:
         lines.append(f"Smallest DP configuration with output SQNR >= {result['target']['sqnr_db']} dB: " +
                      (f"{best['label']} ({best['percent_of_fp16']:.2f}% of FP16, {len(best['fp16_groups'])} groups FP16)"
                       if best else "none in the sweep"))
-    (output / "mixed_precision.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(output / "mixed_precision.md", "\n".join(lines) + "\n")
 
 
 def _write_plot(path: Path, points) -> None:
@@ -279,7 +279,8 @@ def _write_plot(path: Path, points) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -299,7 +300,7 @@ def run_block_sensitivity(args: argparse.Namespace) -> int:
     output = Path(args.output)
     hybrid = hybrid_recipe(load_recipe(args.recipe).to_json(), sensitive, args.higher)
     recipe_path = output / f"{hybrid['name']}.yaml"
-    recipe_path.write_text(f"# written by ./run.sh block-sensitivity --recipe {args.recipe} --share {args.share} "
+    write_text_atomic(recipe_path, f"# written by ./run.sh block-sensitivity --recipe {args.recipe} --share {args.share} "
                            f"--higher {args.higher}\n" + yaml.safe_dump(hybrid, sort_keys=False))
     write_json_atomic(output / "block_sensitivity.json", {"recipe": args.recipe, "share": args.share,
                                                            "higher": args.higher, "sensitive": sensitive,
@@ -334,5 +335,6 @@ def _write_heatmap(path: Path, analysis, recipe: str) -> None:
         fig.colorbar(image, ax=axis)
     axes[0].set_yticks(range(len(analysis.blocks)), analysis.blocks, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
