@@ -40,13 +40,15 @@ def check_device(device: str) -> None:
             raise UserError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
 
 
-def gpu_names() -> list[str]:
-    """GPU model names from ``nvidia-smi`` (no CUDA context in this process); empty when there is none."""
+def gpus() -> list[dict[str, str]]:
+    """Each GPU's ``name`` and ``memory`` (e.g. ``81559 MiB``) from ``nvidia-smi``, without a CUDA context in
+    this process; empty when there is none."""
     if shutil.which("nvidia-smi") is None:
         return []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    rows = [[part.strip() for part in line.rsplit(",", 1)] for line in out.splitlines() if line.strip()]
+    return [{"name": row[0], "memory": row[1] if len(row) > 1 else ""} for row in rows]

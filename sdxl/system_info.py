@@ -99,11 +99,57 @@ def git_commit(repo: Path = Path(__file__).resolve().parent.parent) -> str | Non
 
 def system_description() -> dict:
     """The block recorded in every ``run.json`` and benchmark JSON."""
-    from .devices import gpu_names
+    from .devices import gpus
 
-    gpu = ", ".join(gpu_names()) or None  # not torch.cuda.get_device_name: it would initialise CUDA before forks
+    inventory = gpus()  # not torch.cuda.get_device_name: it would initialise CUDA before forks
+    gpu = ", ".join(g["name"] for g in inventory) or None
     return {"cpu_model": cpu_model(), "cpu_isa": cpu_isa(), "isa": isa_summary(), "cpu_count": _cpu_count(),
-            "threading": threading_settings(), "gpu": gpu, "platform": platform.platform(), "versions": package_versions(), "git_commit": git_commit()}
+            "threading": threading_settings(), "gpu": gpu, "platform": platform.platform(), "versions": package_versions(),
+            "git_commit": git_commit(), "host": host_facts(inventory)}
+
+
+def host_facts(inventory: list[dict[str, str]]) -> dict:
+    """What a submission's ``systems/<system>.json`` asks of the host and the OS can tell: sockets, clock,
+    caches, memory, disk, network cards, GPUs (``inventory``, from :func:`sdxl.devices.gpus`)."""
+    import os
+    import shutil
+
+    cpuinfo = _read("/proc/cpuinfo")
+    sockets = {line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("physical id")}
+    max_khz = _read("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").strip()
+    mhz = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("cpu MHz")), "")
+    frequency = f"{int(max_khz) // 1000} MHz (max)" if max_khz.isdigit() else (f"{float(mhz):.0f} MHz" if mhz else "")
+    mem_kb = next((line.split()[1] for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal:")), "")
+    net = Path("/sys/class/net")
+    cards = sum((card / "device").exists() for card in net.iterdir()) if net.is_dir() else None
+    cores = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("cpu cores")), "")
+    return {"cpu_sockets": len(sockets) or 1, "cores_per_socket": int(cores) if cores.isdigit() else os.cpu_count(),
+            "cpu_frequency": frequency, "cpu_caches": _cpu_caches(), "memory": f"{int(mem_kb) / 2**20:.1f} GiB" if mem_kb else "",
+            "storage": f"{shutil.disk_usage(Path.cwd()).total / 1e9:.0f} GB", "network_cards": cards,
+            "gpus": inventory}
+
+
+def _cpu_caches() -> str:
+    """``L1d 32K, L1i 32K, L2 1024K (per CPU), L3 32768K (shared by 2 CPUs)`` from sysfs."""
+    parts = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        level, kind, size = (_read(index / name).strip() for name in ("level", "type", "size"))
+        if not (level and size):
+            continue
+        shared = 0
+        for span in _read(index / "shared_cpu_list").strip().split(","):
+            low, _, high = span.partition("-")
+            shared += int(high or low) - int(low) + 1 if low.isdigit() else 0
+        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+        parts.append(f"L{level}{suffix} {size}" + (f" (shared by {shared} CPUs)" if shared > 1 else ""))
+    return ", ".join(parts)
+
+
+def _read(path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def threading_settings() -> dict:

@@ -1,6 +1,7 @@
 """Compliance audits: TEST01/TEST04 audit.config runs through LoadGen, and ``verify-compliance`` on them."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,40 +86,175 @@ def test_test04_audit_applies_its_model_specific_min_query_count(test04_run):
     assert test["validity"] == "VALID" and test["samples"] >= 500, test
 
 
+#: what no host tells: a submitter's --system-json (the to-do list names these fields)
+SYSTEM_JSON = {"host_memory_configuration": "8x 3 GiB", "host_storage_type": "SSD", "host_networking": "Ethernet",
+               "host_networking_topology": "N/A", "cooling": "air"}
+
+
 def test_submission_tree_from_a_run_and_its_audits(runs, test04_run, tmp_path, capsys):
+    from harness.submission_rules import ROUNDS, check_tree
+
     run_dir, _, test01_dir, _ = runs
     ids = tmp_path / "sample_ids.txt"
     ids.write_text("3\n1\n")
+    system_json = tmp_path / "system.json"
+    system_json.write_text(json.dumps(SYSTEM_JSON))
     flags = ["submission", "--runs", str(run_dir), "--audits", str(test01_dir), str(test04_run[0]),
-             "--submitter", "acme", "--system", "epyc2c", "--ids-path", str(ids), "--output", str(tmp_path / "sub")]
+             "--submitter", "acme", "--system", "epyc2c", "--system-type", "edge", "--ids-path", str(ids),
+             "--output", str(tmp_path / "sub")]
     # random weights, 256^2 images, short settings: refused for the closed division, with the reasons
     assert main(flags) == 2
     assert "is not a closed-division run: RANDOM WEIGHTS" in capsys.readouterr().err
-    main([*flags, "--division", "open"])  # exit code follows the performance verdicts, which noise can move
+    main([*flags, "--division", "open", "--system-json", str(system_json)])  # exit code: the verdicts, noise moves them
     printed = capsys.readouterr().out
     root = tmp_path / "sub" / "open" / "acme"
+    # v6.1 (the default round): everything of a scenario under results/, TEST0x/ included; src/ for the code
     scenario = root / "results" / "epyc2c" / "stable-diffusion-xl" / "Offline"
     for path in ("performance/run_1/mlperf_log_summary.txt", "performance/run_1/mlperf_log_detail.txt",
                  "accuracy/mlperf_log_accuracy.json", "accuracy/accuracy.txt", "accuracy/mlperf_log_summary.txt",
-                 "accuracy/images/3.png", "accuracy/images/1.png"):
+                 "accuracy/images/3.png", "accuracy/images/1.png", "measurements.json", "user.conf", "README.md",
+                 "TEST01/verify_accuracy.txt", "TEST01/verify_performance.txt", "TEST01/accuracy/accuracy.txt",
+                 "TEST01/accuracy/mlperf_log_accuracy.json", "TEST01/performance/run_1/mlperf_log_detail.txt",
+                 "TEST04/verify_performance.txt", "TEST04/performance/run_1/mlperf_log_detail.txt"):
         assert (scenario / path).is_file(), path
+    assert not (root / "measurements").exists() and not (root / "compliance").exists()
+    assert not (scenario / "TEST01" / "verify.json").exists()  # only what the checker reads
     assert (scenario / "accuracy/images/captions.txt").read_text().splitlines()[0].startswith("3  ")
-    measurements = root / "measurements" / "epyc2c" / "stable-diffusion-xl" / "Offline"
-    assert set(json.loads((measurements / "measurements.json").read_text())) == {
+    assert set(json.loads((scenario / "measurements.json").read_text())) == {
         "input_data_types", "retraining", "starting_weights_filename", "weight_data_types", "weight_transformations"}
-    assert (measurements / "user.conf").is_file() and "./run.sh run --mode both" in (measurements / "README.md").read_text()
-    compliance = root / "compliance" / "epyc2c" / "stable-diffusion-xl" / "Offline"
-    assert (compliance / "TEST01" / "verify_accuracy.txt").read_text().endswith("TEST PASS\n")
-    assert (compliance / "TEST01" / "accuracy" / "mlperf_log_accuracy.json").is_file()
-    assert (compliance / "TEST04" / "verify_performance.txt").is_file()
-    assert (compliance / "TEST04" / "performance" / "run_1" / "mlperf_log_detail.txt").is_file()
+    assert "./run.sh run --mode both" in (scenario / "README.md").read_text()
+    code = (root / "src" / "stable-diffusion-xl" / "README.md").read_text()
+    assert "./run.sh run --mode both" in code and "./run.sh verify-compliance --test TEST04" in code
+    assert (scenario / "TEST01" / "verify_accuracy.txt").read_text().endswith("TEST PASS\n")
+    # the accuracy logs as truncate_accuracy_log.py leaves them; the run directory keeps the whole log
+    full = (Path(runs[1]["tests"][1]["dir"]) / "mlperf_log_accuracy.json").read_bytes()
+    cut = (scenario / "accuracy" / "mlperf_log_accuracy.json").read_bytes()
+    assert cut == full[:4096] + b"\n\n...\n\n" + full[-4096:]
+    import hashlib
+
+    assert f"hash={hashlib.sha256(full).hexdigest()}" in (scenario / "accuracy" / "accuracy.txt").read_text()
+    assert (scenario / "TEST01" / "accuracy" / "mlperf_log_accuracy.json").stat().st_size < 10 * 1024
     system = json.loads((root / "systems" / "epyc2c.json").read_text())
-    assert system["submitter"] == "acme" and system["division"] == "open" and system["host_processor_model_name"]
-    assert "Offline/TEST01:" in printed and "to do: systems/epyc2c.json: fill" in printed
-    assert "./run.sh run --mode both" in (measurements / "README.md").read_text()
+    assert system["submitter"] == "acme" and system["division"] == "open" and system["system_type"] == "edge"
+    assert system["host_processor_model_name"] and system["host_memory_capacity"].endswith("GiB")
+    assert system["cooling"] == "air" and system["framework"].startswith("PyTorch ")
+    # the checker's rules find nothing in this tree: every file, name and field is where v6.1 wants it
+    assert check_tree(root, ROUNDS["v6.1"]) == []
+    assert "Offline/TEST01: TEST PASS" in printed or "Offline/TEST01: TEST FAIL (performance:" in printed
+    assert "to do" not in printed
     # the tree exists now: a second call refuses instead of mixing two submissions
     assert main([*flags, "--division", "open"]) == 2
     assert "exists: remove it or choose another --output" in capsys.readouterr().err
+
+    # relabelled closed, as a submitter preparing a closed entry checks it: the compliance folders count now,
+    # and an edge system needs SingleStream too
+    closed = tmp_path / "closed" / "closed" / "acme"
+    shutil.copytree(root, closed)
+    description = closed / "systems" / "epyc2c.json"
+    description.write_text(description.read_text().replace('"division": "open"', '"division": "closed"'))
+    problems = check_tree(closed, ROUNDS["v6.1"])
+    assert "results/epyc2c/stable-diffusion-xl: SingleStream is required of a edge system" in problems
+    assert any(p.startswith("results/epyc2c/stable-diffusion-xl/Offline/accuracy/accuracy.txt has no FID_SCORE") for p in problems)
+    assert len(problems) == 3, problems  # + CLIP_SCORE: the null backend's accuracy.txt says N/A
+
+
+def test_checker_rules_catch_what_the_checker_rejects(runs, test04_run, tmp_path):
+    """Each rule, broken once in a copy of a good tree, is reported (and the v5.1 layout is checked as v5.1)."""
+    from harness.submission_rules import ROUNDS, check_tree
+
+    run_dir, _, test01_dir, _ = runs
+    main(["submission", "--runs", str(run_dir), "--audits", str(test01_dir), str(test04_run[0]), "--submitter", "acme",
+          "--system", "s", "--system-type", "edge", "--division", "open", "--output", str(tmp_path / "sub")])
+    good = tmp_path / "sub" / "open" / "acme"
+    scenario = "results/s/stable-diffusion-xl/Offline"
+
+    def broken(change) -> list[str]:
+        tree = tmp_path / "broken" / "open" / "acme"
+        shutil.rmtree(tree.parent.parent, ignore_errors=True)
+        shutil.copytree(good, tree)
+        change(tree)
+        return check_tree(tree, ROUNDS["v6.1"])
+
+    base = set(check_tree(good, ROUNDS["v6.1"]))  # the fields the host could not tell
+    assert base and all(p.startswith("systems/s.json: ") and p.endswith(" is empty") for p in base)
+    assert set(broken(lambda t: (t / scenario / "measurements.json").unlink())) - base == {
+        f"{scenario}/measurements.json is missing (measurements)"}
+    assert set(broken(lambda t: (t / scenario / "accuracy" / "mlperf_log_accuracy.json").write_text("[" + " " * 20000 + "]"))
+               ) - base == {f"{scenario}/accuracy/mlperf_log_accuracy.json is 20002 bytes: not truncated (< 10240)"}
+    assert set(broken(lambda t: (t / scenario / "accuracy" / "accuracy.txt").write_text("Accuracy Results: {}\n"))) - base == {
+        f"{scenario}/accuracy/accuracy.txt has no hash= line (truncate_accuracy_log.py writes it)"}
+    assert set(broken(lambda t: shutil.rmtree(t / "src"))) - base == {"src/ is missing"}
+
+    def seeds(tree):
+        detail = tree / scenario / "performance" / "run_1" / "mlperf_log_detail.txt"
+        detail.write_text(detail.read_text().replace("2085463073848966840", "1"))
+    (problem,) = set(broken(seeds)) - base
+    assert "used other seeds, not v6.1's (qsl_rng_seed differ)" in problem
+    # the same tree read as v5.1: its measurements/ and compliance/ folders, its seeds and sample images
+    v51 = set(check_tree(good, ROUNDS["v5.1"]))
+    assert "measurements/s/stable-diffusion-xl/Offline/s_Offline.json is missing (measurements)" in v51
+    assert "code/ is missing" in v51 and any("used v6.1 seeds, not v5.1's" in p for p in v51)
+    assert any(p.startswith(f"{scenario}/accuracy/images: 10 of v5.1's 10 sample images missing") for p in v51)
+
+
+def test_truncated_accuracy_log_matches_mlperfs_tool_and_refuses_a_stale_hash(tmp_path):
+    import hashlib
+
+    from harness.submission import write_truncated_accuracy
+
+    log = tmp_path / "mlperf_log_accuracy.json"
+    log.write_bytes(bytes(range(48, 58)) * 1000)  # 10000 bytes
+    write_truncated_accuracy(log, "Accuracy Results: {'FID_SCORE': 23.5, 'CLIP_SCORE': 31.7}\n", tmp_path / "a")
+    full = log.read_bytes()
+    assert (tmp_path / "a" / "mlperf_log_accuracy.json").read_bytes() == full[:4096] + b"\n\n...\n\n" + full[-4096:]
+    assert (tmp_path / "a" / "accuracy.txt").read_text().splitlines()[-1] == f"hash={hashlib.sha256(full).hexdigest()}"
+    small = tmp_path / "small.json"
+    small.write_text("[]\n")  # under 4 KiB: kept whole, as the tool keeps it
+    write_truncated_accuracy(small, "x\nhash=" + hashlib.sha256(b"[]\n").hexdigest() + "\n", tmp_path / "b")
+    assert (tmp_path / "b" / "mlperf_log_accuracy.json").read_text() == "[]\n"
+    assert (tmp_path / "b" / "accuracy.txt").read_text().count("hash=") == 1  # not appended twice
+    with pytest.raises(ValueError, match="is not the sha256 of"):
+        write_truncated_accuracy(log, "x\nhash=00\n", tmp_path / "c")
+
+
+def test_submission_rounds_layouts_and_scenario_sets(runs, test04_run, tmp_path, monkeypatch, capsys):
+    """--round v5.1 lays measurements/, compliance/ and code/ out beside results/; seeds of another round, a
+    system type the round has no SDXL for, and (closed) a scenario set that is not the type's are refused."""
+    import harness.submission as submission
+    from harness.submission_rules import ROUNDS, check_tree
+
+    run_dir, _, test01_dir, _ = runs
+    flags = ["submission", "--runs", str(run_dir), "--submitter", "acme", "--system", "s", "--division", "open",
+             "--output", str(tmp_path / "sub")]
+    assert main([*flags, "--system-type", "edge", "--round", "v5.1"]) == 2
+    assert "used v6.1 seeds, not v5.1's" in capsys.readouterr().err  # LoadGen 6.0.x: run v5.1 with its LoadGen
+    assert main([*flags, "--system-type", "datacenter"]) == 2
+    assert "v6.1's checker lists stable-diffusion-xl for edge and datacenter,edge systems only" in capsys.readouterr().err
+
+    monkeypatch.setattr(submission, "_refuse_other_seeds", lambda *args: None)  # to see v5.1's layout with these logs
+    submission.write_submission([run_dir], [test01_dir, test04_run[0]], tmp_path / "v51", "acme", "s", "open",
+                                system_type="datacenter", round_name="v5.1", system_fields=SYSTEM_JSON)
+    root = tmp_path / "v51" / "open" / "acme"
+    for path in ("measurements/s/stable-diffusion-xl/Offline/s_Offline.json", "measurements/s/stable-diffusion-xl/Offline/user.conf",
+                 "compliance/s/stable-diffusion-xl/Offline/TEST01/verify_accuracy.txt",
+                 "compliance/s/stable-diffusion-xl/Offline/TEST01/accuracy/accuracy.txt",
+                 "compliance/s/stable-diffusion-xl/Offline/TEST04/performance/run_1/mlperf_log_detail.txt",
+                 "code/stable-diffusion-xl/README.md", "results/s/stable-diffusion-xl/Offline/accuracy/accuracy.txt"):
+        assert (root / path).is_file(), path
+    problems = check_tree(root, ROUNDS["v5.1"])
+    assert all("seeds" in p or "sample images" in p for p in problems) and len(problems) == 2, problems
+
+    # closed: the scenario set of the system type, exactly (a run marked compliant to get that far)
+    compliant = tmp_path / "compliant"
+    shutil.copytree(run_dir, compliant)
+    record = json.loads((compliant / "run.json").read_text())
+    record.update(compliant=True, non_compliance_reasons=[])
+    (compliant / "run.json").write_text(json.dumps(record))
+    closed = ["submission", "--runs", str(compliant), "--submitter", "acme", "--system", "s", "--output", str(tmp_path / "c")]
+    assert main([*closed, "--system-type", "edge"]) == 2
+    assert ("a closed edge submission of stable-diffusion-xl in v6.1 has exactly SingleStream, Offline: no run of "
+            "SingleStream") in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_submission_with_a_bad_input_writes_nothing(runs, tmp_path, capsys):
@@ -126,7 +262,8 @@ def test_submission_with_a_bad_input_writes_nothing(runs, tmp_path, capsys):
     ids = tmp_path / "ids.txt"
     ids.write_text("0\n999\n")  # 999 is no row of the run's captions
     assert main(["submission", "--runs", str(run_dir), "--audits", str(test01_dir), "--submitter", "acme",
-                 "--system", "s", "--division", "open", "--ids-path", str(ids), "--output", str(tmp_path / "sub")]) == 2
+                 "--system", "s", "--system-type", "edge", "--division", "open", "--ids-path", str(ids),
+                 "--output", str(tmp_path / "sub")]) == 2
     assert "are not rows of the" in capsys.readouterr().err
     assert not (tmp_path / "sub" / "open" / "acme").exists()
     assert not (tmp_path / "sub" / "open" / "acme.partial").exists()
@@ -207,8 +344,8 @@ def test_submission_documents_calibration_and_refuses_non_mlperf_calibration(run
     assert _closed_division_calibration_problems(calibration) == ["method weight_balance changes the sampler"]
     assert _closed_division_calibration_problems(_calibration(record)) == []  # not quantized: nothing to check
 
-    flags = ["submission", "--runs", str(quantized), "--submitter", "acme", "--system", "s", "--output",
-             str(tmp_path / "sub")]
+    flags = ["submission", "--runs", str(quantized), "--submitter", "acme", "--system", "s", "--system-type", "edge",
+             "--output", str(tmp_path / "sub")]
     assert main(flags) == 2
     assert "not MLPerf's whole calibration set" in capsys.readouterr().err
     main([*flags, "--division", "open"])
