@@ -217,13 +217,18 @@ def register(subparsers) -> None:
     parser.add_argument("--run", required=True, help="the run directory of the submission run (performance + accuracy)")
     parser.add_argument("--audit-run", required=True, help="the run directory made with --audit-conf <TEST>/audit.config")
     parser.add_argument("--output", help="where verify_*.txt go (default <audit-run>/<TEST>)")
+    add_fallback_arguments(parser)
+    parser.set_defaults(func=_main)
+
+
+def add_fallback_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--fallback`` and the evaluation settings it needs (``verify-compliance``, ``submission``)."""
+    from accuracy.commands import add_weight_arguments
+
     parser.add_argument("--fallback", action="store_true",
                         help="TEST01: when the bytes differ, MLPerf's FID/CLIP fallback (needs the evaluation weights)")
     parser.add_argument("--statistics-path", help="--fallback: FID statistics (MLPerf's val2014.npz)")
-    from accuracy.commands import add_weight_arguments
-
     add_weight_arguments(parser)
-    parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:

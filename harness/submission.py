@@ -39,7 +39,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .compliance import completed_test, read_run, verify
+from .compliance import add_fallback_arguments, completed_test, read_run, verify
 from .submission_rules import (
     BENCHMARK,
     DEFAULT_ROUND,
@@ -55,6 +55,7 @@ from .submission_rules import (
     required_scenarios,
     seed_problems,
 )
+
 
 def _audit_test(record: dict[str, Any], where: Path) -> str:
     """TEST01 or TEST04, from the keys of the audit.config the run was made with."""
@@ -253,8 +254,12 @@ def _failure_line(name: str, result: dict[str, Any]) -> str:
 
 def write_submission(runs: list[Path], audits: list[Path], output: Path, submitter: str, system: str,
                      division: str = "closed", ids_path: Path | None = None, *, system_type: str = "edge",
-                     round_name: str = DEFAULT_ROUND, system_fields: dict[str, Any] | None = None) -> dict[str, Any]:
+                     round_name: str = DEFAULT_ROUND, system_fields: dict[str, Any] | None = None,
+                     fallback_options=None) -> dict[str, Any]:
     """Lay the runs and audits out; returns what was written, the compliance verdicts and what is left to do.
+
+    ``fallback_options`` (:class:`accuracy.report.AuditOptions`): a TEST01 whose bytes differ gets
+    MLPerf's FID/CLIP fallback, and its ``TEST01/accuracy/`` the four files the checker then wants.
 
     Every input is checked before anything is written, and the tree is built beside its place and
     renamed into it at the end, so a failure leaves no half submission.
@@ -324,8 +329,10 @@ def write_submission(runs: list[Path], audits: list[Path], output: Path, submitt
         for name, (audit_dir, test, logs) in sorted(checked_audits.items()):
             scenario = name.split("/")[0]
             target = staging / rnd.compliance_dir(system, scenario, test)
-            result = verify(test, scenarios[scenario][0], audit_dir, target)
+            result = verify(test, scenarios[scenario][0], audit_dir, target, fallback_options if test == "TEST01" else None)
             (target / "verify.json").unlink()  # ours, not the checker's: the tree holds what the checker reads
+            for scratch in ("baseline", "compliance"):  # the fallback's working folders; its two accuracy.txt stay
+                shutil.rmtree(target / "accuracy" / scratch, ignore_errors=True)
             verdicts[name] = result["passed"]
             if not result["passed"]:
                 failures[name] = _failure_line(name, result)
@@ -417,19 +424,24 @@ def register(subparsers) -> None:
     parser.add_argument("--division", default="closed", choices=("closed", "open"))
     parser.add_argument("--ids-path", help="sample ids for accuracy/images/ instead of the round's own list")
     parser.add_argument("--output", required=True, help="directory to write <division>/<submitter>/ under")
+    add_fallback_arguments(parser)
     parser.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    from accuracy.commands import audit_options
+    from accuracy.report import INPUT_ERRORS
+    from accuracy.weights import WeightsUnavailable
     from sdxl.errors import UserError
 
     try:
         result = write_submission([Path(r) for r in args.runs], [Path(a) for a in args.audits], Path(args.output),
                                   args.submitter, args.system, args.division,
                                   Path(args.ids_path) if args.ids_path else None, system_type=args.system_type,
-                                  round_name=args.round, system_fields=_system_json(args.system_json))
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
+                                  round_name=args.round, system_fields=_system_json(args.system_json),
+                                  fallback_options=audit_options(args) if args.fallback else None)
+    except (ValueError, FileNotFoundError, WeightsUnavailable, *INPUT_ERRORS) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
     print(f"submission tree ({result['round']}): {result['root']}")
     for name in sorted(result["compliance"]):
         print(f"  {result['failures'].get(name, name + ': TEST PASS')}")

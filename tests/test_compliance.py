@@ -314,6 +314,22 @@ def test_test01_fallback_audits_both_image_sets_when_bytes_differ(runs, tmp_path
     assert sorted(e["qsl_idx"] for e in baseline) == sorted({e["qsl_idx"] for e in entries})
     assert not result["passed"]
 
+    # through submission --fallback: TEST01/accuracy holds exactly the four files the checker wants after a
+    # failed byte check, the audit log truncated, the fallback's working folders gone
+    from harness.submission import write_submission
+    from harness.submission_rules import ROUNDS, check_tree
+
+    written = write_submission([run_dir], [copy], tmp_path / "sub", "acme", "s", "open", system_type="edge",
+                               fallback_options=AuditOptions(random_weights=True, missing="na"))
+    assert "Offline/TEST01: TEST FAIL (accuracy: " in written["failures"]["Offline/TEST01"]
+    test01 = Path(written["root"]) / "results" / "s" / "stable-diffusion-xl" / "Offline" / "TEST01"
+    assert sorted(p.name for p in (test01 / "accuracy").iterdir()) == [
+        "accuracy.txt", "baseline_accuracy.txt", "compliance_accuracy.txt", "mlperf_log_accuracy.json"]
+    assert (test01 / "accuracy" / "mlperf_log_accuracy.json").stat().st_size < 10 * 1024
+    closed = tmp_path / "closed" / "closed" / "acme"
+    shutil.copytree(written["root"], closed)
+    assert not any("TEST01/accuracy" in p for p in check_tree(closed, ROUNDS["v6.1"], "closed", "acme"))
+
 
 def test_submission_documents_calibration_and_refuses_non_mlperf_calibration(runs, tmp_path, capsys):
     """A quantized run's encodings provenance becomes documentation/calibration.md; the closed division
