@@ -33,7 +33,6 @@ again), but each is printed in one line with its reason and the exit code is 1.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -145,6 +144,8 @@ def _run_command(record: dict[str, Any]) -> str:
 
 def _code_readme(scenarios: dict[str, tuple], audits: dict[str, tuple], calibrations: dict[str, Any]) -> str:
     """``src/stable-diffusion-xl/README.md`` (``code/`` in v5.1): what made every result, to rerun it."""
+    from sdxl.dataset import file_sha256
+
     commits = sorted({str((record.get("system") or {}).get("git_commit")) for _, record, *_ in scenarios.values()})
     lines = [f"# {BENCHMARK}: sdxl-ptq-bench", "",
              "The harness is sdxl-ptq-bench (a LoadGen SUT around one SDXL pipeline with swappable backends), "
@@ -162,7 +163,7 @@ def _code_readme(scenarios: dict[str, tuple], audits: dict[str, tuple], calibrat
         if calibration is not None:
             encodings = Path(calibration["encodings"])
             lines += [f"Quantization: recipe `{calibration['recipe'].get('name')}`, encodings `{encodings.name}` "
-                      f"(sha256 {_sha256(encodings)}); how they were calibrated: documentation/calibration.md.", ""]
+                      f"(sha256 {file_sha256(encodings)}); how they were calibrated: documentation/calibration.md.", ""]
     return "\n".join(lines)
 
 
@@ -216,19 +217,13 @@ def _copy(files: list[Path], directory: Path) -> None:
         shutil.copy2(file, directory / file.name)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_truncated_accuracy(log: Path, accuracy_text: str, directory: Path) -> None:
     """``accuracy.txt`` and ``mlperf_log_accuracy.json`` as ``truncate_accuracy_log.py`` leaves them: the
     full log's sha256 as ``hash=`` and its first and last 4 KiB. Streamed from ``log`` (an SDXL accuracy
     log is ~31 GB; the run directory keeps it whole), never copied whole into the tree."""
-    digest = _sha256(log)
+    from sdxl.dataset import file_sha256
+
+    digest = file_sha256(log)
     hashes = [m.group(1) for m in map(HASH_LINE.match, accuracy_text.splitlines()) if m]
     if hashes and hashes[-1] != digest:
         raise ValueError(f"the hash= of {log.parent / 'accuracy.txt'} is not the sha256 of {log}: the log changed "
@@ -338,7 +333,8 @@ def write_submission(runs: list[Path], audits: list[Path], output: Path, submitt
                 failures[name] = _failure_line(name, result)
             _copy(logs[:2], target / "performance" / "run_1")
             if test == "TEST01":
-                count = sum(1 for line in logs[2].open() if '"qsl_idx"' in line)
+                with open(logs[2]) as log:
+                    count = sum(1 for line in log if '"qsl_idx"' in line)
                 write_truncated_accuracy(logs[2], f"TEST01 audit: {count} responses logged during the performance run; "
                                                   "verify_accuracy.txt compares them with the accuracy run's\n",
                                          target / "accuracy")

@@ -120,17 +120,23 @@ def host_facts(inventory: list[dict[str, str]]) -> dict:
     mhz = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("cpu MHz")), "")
     frequency = f"{int(max_khz) // 1000} MHz (max)" if max_khz.isdigit() else (f"{float(mhz):.0f} MHz" if mhz else "")
     mem_kb = next((line.split()[1] for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal:")), "")
-    net = Path("/sys/class/net")
-    cards = sum((card / "device").exists() for card in net.iterdir()) if net.is_dir() else None
+    try:  # physical or virtio NICs have a device; lo, bridges and veths do not
+        cards = sum((card / "device").exists() for card in Path("/sys/class/net").iterdir())
+    except OSError:
+        cards = None
+    try:
+        storage = f"{shutil.disk_usage(Path.cwd()).total / 1e9:.0f} GB"  # the disk the run writes to
+    except OSError:
+        storage = ""
     cores = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("cpu cores")), "")
     return {"cpu_sockets": len(sockets) or 1, "cores_per_socket": int(cores) if cores.isdigit() else os.cpu_count(),
             "cpu_frequency": frequency, "cpu_caches": _cpu_caches(), "memory": f"{int(mem_kb) / 2**20:.1f} GiB" if mem_kb else "",
-            "storage": f"{shutil.disk_usage(Path.cwd()).total / 1e9:.0f} GB", "network_cards": cards,
+            "storage": storage, "network_cards": cards,
             "gpus": inventory}
 
 
 def _cpu_caches() -> str:
-    """``L1d 32K, L1i 32K, L2 1024K (per CPU), L3 32768K (shared by 2 CPUs)`` from sysfs."""
+    """``L1d 32K, L1i 32K, L2 1024K, L3 32768K (shared by 2 CPUs)`` from sysfs (cpu0's caches)."""
     parts = []
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         level, kind, size = (_read(index / name).strip() for name in ("level", "type", "size"))

@@ -14,8 +14,9 @@ by the short runs or not; the exit code is 1 when any is not::
 Explained, and only these: the 600 s minimum duration, 16 of 5000 samples in the accuracy run,
 Offline's 5000 samples per query, and compliance performance verdicts that our own
 ``verify_performance.txt`` also failed (null-backend queries take about a millisecond, so two runs'
-timings differ by more than the 10% the audits allow), plus the checker's summary lines that follow
-from those.
+timings differ by more than the 10% the audits allow), plus the checker's summary lines ("Some ...
+checks Checks failed", "NoResults", "SUMMARY"): every failing check also logs its own line, which is
+judged on its own.
 """
 
 from __future__ import annotations
