@@ -31,7 +31,7 @@ install_into() {  # $1: a venv whose Python starts; installs the pinned torch an
   "$1/bin/python" -m pip install -q --upgrade pip &&
   # shellcheck disable=SC2086
   "$1/bin/python" -m pip install -q $TORCH_PINS &&
-  "$1/bin/python" -m pip install -q -e ".[test,qnn]"
+  "$1/bin/python" -m pip install -q -e ".[test,qnn,ray]"
 }
 
 # A venv is never deleted implicitly: on an offline machine a multi-GB one cannot be rebuilt. One whose

@@ -1,6 +1,14 @@
-"""``null``: black images at once, to measure the harness's own per-query overhead."""
+"""``null``: black images at once, to measure the harness's own per-query overhead.
+
+``--null-batch-ms MS`` makes each batch take that long (a sleep in decode, which holds no core), so a
+scheduler can be exercised with a known service time: a Server run above capacity, an actor killed
+while it holds a batch, dispatch over many simulated devices on a 2-core machine.
+"""
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 import torch
 
@@ -8,7 +16,7 @@ from sdxl.backend import Backend, BackendOptions
 from sdxl.benchmark_spec import VAE_SCALE_FACTOR
 from sdxl.models import ModelSpec
 
-from .registry import register_backend
+from .registry import BackendFlags, BackendOptionsError, register_backend
 
 
 class NullBackend(Backend):
@@ -25,6 +33,7 @@ class NullBackend(Backend):
     def __init__(self, spec: ModelSpec, options: BackendOptions):
         super().__init__(spec, options)
         self._decoded: dict[tuple[int, ...], torch.Tensor] = {}
+        self.batch_s = float(options.extra.get("null_batch_ms") or 0.0) / 1e3
 
     def encode_prompts(self, ids_1, ids_2):
         n = ids_1.shape[0]
@@ -35,6 +44,8 @@ class NullBackend(Backend):
         return torch.zeros_like(latent_input)
 
     def decode(self, latents):
+        if self.batch_s:
+            time.sleep(self.batch_s)
         n, _, h, w = latents.shape
         shape = (n, 3, h * VAE_SCALE_FACTOR, w * VAE_SCALE_FACTOR)
         if shape not in self._decoded:  # a race here only builds the same buffer twice
@@ -42,4 +53,20 @@ class NullBackend(Backend):
         return self._decoded[shape]
 
 
-register_backend("null", NullBackend)
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "batch_ms": self.batch_s * 1e3}
+
+
+def add_flags(group) -> None:
+    group.add_argument("--null-batch-ms", type=float, help="simulated service time of each batch, in ms (default 0)")
+
+
+def parse_flags(args) -> dict[str, Any]:
+    if args.null_batch_ms is None:
+        return {}
+    if args.null_batch_ms < 0:
+        raise BackendOptionsError(f"--null-batch-ms {args.null_batch_ms:g}: a time, >= 0")
+    return {"null_batch_ms": args.null_batch_ms}
+
+
+register_backend("null", NullBackend, flags=BackendFlags(add_flags, parse_flags))

@@ -1,4 +1,4 @@
-"""One LoadGen test in this process: model -> pipeline -> QSL + SUT -> ``StartTest`` -> summary.
+"""One LoadGen test in this process: executor (pipeline here, or the run's Ray actors) -> QSL + SUT -> ``StartTest`` -> summary.
 
 Runs in the child process started by :mod:`harness.run_command`. ``StartTest`` blocks in C++, where
 Python cannot deliver Ctrl-C, so it runs on a helper thread while the main thread waits; on Ctrl-C
@@ -31,6 +31,24 @@ def build_pipeline(config: RunConfig):
     return SDXLPipeline(backend, spec, tokenizers, noise_correction=noise_correction_of(config)), tokenizers
 
 
+def make_executor(config: RunConfig):
+    """``(executor, tokenizers)``: the pipeline built here (``threads``), or the run's Ray actors found (``ray``)."""
+    if config.executor == "ray":
+        from sdxl.models import load_tokenizers, model_spec
+
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(config.ray_session, config.threads), load_tokenizers(model_spec(config.profile,
+                                                                                           config.model_path))
+    from sdxl.latents import load_latent
+
+    from .executors import ThreadExecutor
+
+    pipeline, tokenizers = build_pipeline(config)
+    latent = load_latent(config.latents, pipeline.spec.latent_size).tensor
+    return ThreadExecutor(pipeline, latent, config.threads), tokenizers
+
+
 def noise_correction_of(config: RunConfig):
     """The sampler change the run's encodings record (QNCD's runtime correction), or None."""
     if not config.encodings:
@@ -52,41 +70,37 @@ def _wait_through_interrupts(event: threading.Event) -> None:
 
 
 def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, Any]:
+    started = time.time()
+    executor, tokenizers = make_executor(config)
+    try:
+        build_s = time.time() - started
+        return _run_test(config, mode, test_dir, executor, tokenizers, build_s)
+    finally:
+        executor.close()
+
+
+def _run_test(config: RunConfig, mode: str, test_dir: Path, executor, tokenizers, build_s: float) -> dict[str, Any]:
     import mlperf_loadgen as lg
 
     from sdxl.dataset import load_captions
-    from sdxl.latents import load_latent
 
     from .loadgen_results import summarize
     from .loadgen_settings import NO_AUDIT_CONFIG, Overrides, make_log_settings, make_test_settings
     from .qsl import CaptionQSL
     from .sut import BatchingSUT
 
-    if config.threads > 1:
-        # Workers share the cores: oversubscribed OpenMP pools spin against each other (measured
-        # here: 10x slower), so each worker's intra-op pool gets its share.
-        import torch
-
-        torch.set_num_threads(max(1, torch.get_num_threads() // config.threads))
-    started = time.time()
-    pipeline, tokenizers = build_pipeline(config)
-    build_s = time.time() - started
     captions = load_captions(config.dataset_path, config.max_samples)
-    latent = load_latent(config.latents, pipeline.spec.latent_size).tensor
     qsl = CaptionQSL(captions, tokenizers)
     max_batch = 1 if config.scenario == "SingleStream" else config.max_batchsize
-    sut = BatchingSUT(pipeline, qsl, latent, max_batch=max_batch, threads=config.threads)
+    sut = BatchingSUT(executor, qsl, max_batch=max_batch)
     settings = make_test_settings(config.scenario, mode, Path(config.user_conf),
                                   Path(config.audit_conf) if config.audit_conf else None,
                                   Overrides(config.time_s, config.count, config.qps))
     warmup_s = 0.0
     if config.warmup and mode == "performance":  # accuracy runs time nothing
         started = time.time()
-        sut.warmup()
+        sut.warmup()  # on every worker; their counters restart after it
         warmup_s = time.time() - started
-        pipeline.nonfinite_images = 0  # the count is the test's images', not the partly denoised warm-up's
-        if pipeline.noise_correction is not None:
-            pipeline.noise_correction.extra_unet_calls = 0
     sut_handle = sut.start()
     qsl_handle = qsl.construct()
     audit = str(Path(config.audit_conf).resolve()) if config.audit_conf else NO_AUDIT_CONFIG
@@ -122,10 +136,10 @@ def run_loadgen_test(config: RunConfig, mode: str, test_dir: Path) -> dict[str, 
     if error:
         raise error[0]
     result = summarize(test_dir, config.scenario, mode)
+    model, counters = executor.model_description(), executor.counters()
     result.update(build_s=round(build_s, 3), warmup_s=round(warmup_s, 3), test_s=round(test_s, 3),
-                  sut=sut.stats.describe(), backend=pipeline.backend.describe(),
-                  nonfinite_images=pipeline.nonfinite_images)
-    if pipeline.noise_correction is not None:  # QNCD: one extra CFG call per estimate, per batch
-        result.update(noise_correction=pipeline.noise_correction.describe(),
-                      extra_unet_calls=pipeline.noise_correction.extra_unet_calls)
+                  sut=sut.stats.describe(), executor=executor.describe(), backend=model["backend"],
+                  nonfinite_images=counters["nonfinite_images"])
+    if model["noise_correction"] is not None:  # QNCD: one extra CFG call per estimate, per batch
+        result.update(noise_correction=model["noise_correction"], extra_unet_calls=counters["extra_unet_calls"])
     return result

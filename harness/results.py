@@ -62,6 +62,7 @@ class RunRecord:
                         "audit_conf": str(Path(config.audit_conf).resolve()) if config.audit_conf else None,
                         "count": config.count, "time_s": config.time_s, "qps": config.qps},
             "sut": {"max_batchsize": config.max_batchsize, "threads": config.threads, "warmup": config.warmup},
+            "executor": {"executor": config.executor},  # --executor ray: the cluster and its actors (ray_cluster)
             "compliant": not non_compliance,
             "non_compliance_reasons": non_compliance,
             "system": system_description(),
@@ -117,6 +118,24 @@ def result_rows(record: RunRecord) -> list[list[str]]:
     return rows
 
 
+def worker_rows(record: RunRecord) -> list[list[str]]:
+    """One row per test and Ray actor: where it ran, its share of the samples, service vs its own compute time."""
+    executor = record.data.get("executor") or {}
+    if executor.get("executor") != "ray":
+        return []
+    actors = {a["name"]: a for a in executor.get("actors", [])}
+    rows = []
+    for test in record.tests:
+        for name, stats in (test.get("sut") or {}).get("workers", {}).items():
+            actor = actors.get(name, {})
+            timing = stats["timing_ms"]
+            lost = "" if actor.get("alive_at_end", True) else " (lost)"
+            rows.append([test["mode"], name + lost, actor.get("node_ip", "-"), actor.get("device", "-"),
+                         str(stats["samples"]), str(stats["batches"]), str(stats["reissued_batches"]),
+                         _fmt(timing["service_per_batch"]["p50"]), _fmt(timing["compute_per_batch"]["p50"])])
+    return rows
+
+
 def print_results_table(records: list[RunRecord], stream: TextIO | None = None) -> None:
     """The table a person reads after a run: one row per LoadGen test, then the caveats that apply.
 
@@ -127,6 +146,10 @@ def print_results_table(records: list[RunRecord], stream: TextIO | None = None) 
     header = ["scenario", "mode", "samples", "performance", "result", "logs"]
     rows = [row for record in records for row in result_rows(record)]
     print(format_table(header, rows), file=stream)
+    workers = [row for record in records for row in worker_rows(record)]
+    if workers:
+        print("\n" + format_table(["test", "ray actor", "node", "device", "samples", "batches", "re-issued",
+                                   "service p50 ms", "compute p50 ms"], workers), file=stream)
     for record in records:
         data = record.data
         system = data.get("system", {})
@@ -139,6 +162,12 @@ def print_results_table(records: list[RunRecord], stream: TextIO | None = None) 
         if data.get("nonfinite_images"):
             print(f"  !!! {data['nonfinite_images']} image(s) decoded with NaN/Inf pixels (logged as black): a broken "
                   "quantization recipe or input !!!", file=stream)
+        executor = data.get("executor") or {}
+        if executor.get("executor") == "ray":
+            owner = " (started by this run)" if executor.get("started_local_cluster") else ""
+            print(f"  executor: ray {executor.get('ray_version')}, {len(executor.get('actors', []))} actor(s) x "
+                  f"{executor.get('threads_per_actor')} thread(s) on {len(executor.get('nodes', []))} node(s), cluster "
+                  f"{executor.get('address')}{owner}", file=stream)
         if data.get("compliant"):
             print("  compliant with MLPerf's closed-division settings", file=stream)
         else:

@@ -12,6 +12,7 @@ before a model is built.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import multiprocessing
 import os
@@ -80,7 +81,16 @@ def register(subparsers) -> None:
     parser.add_argument("--time", dest="time_s", type=positive_float, help="min = max duration in seconds")
     parser.add_argument("--qps", type=positive_float, help="Server target QPS / Offline expected QPS")
     parser.add_argument("--max-batchsize", type=int_at_least(1), default=1, help="largest batch the SUT forms (default 1)")
-    parser.add_argument("--threads", type=int_at_least(1), default=1, help="SUT worker threads (default 1)")
+    parser.add_argument("--threads", type=int_at_least(1), default=1,
+                        help="batches run at once (default 1): SUT worker threads; with --executor ray, per actor")
+    parser.add_argument("--executor", default="threads", choices=("threads", "ray"),
+                        help="where batches run: threads of this process (default), or Ray actors (one per GPU, "
+                             "or per CPU node) anywhere in a Ray cluster")
+    parser.add_argument("--ray-address", help="with --executor ray: the cluster to attach to (default RAY_ADDRESS, "
+                                              "else a local Ray started with this machine's resources)")
+    parser.add_argument("--ray-actors", type=int_at_least(1),
+                        help="with --executor ray: number of actors (default: one per GPU with --device cuda, one "
+                             "per node with --device cpu; CPU actors share the cluster's CPUs equally)")
     parser.add_argument("--output", help="run directory (default results/<timestamp>-<profile>-<backend>-<scenario>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --output (a directory holding a run.json); without it a "
@@ -111,23 +121,41 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise UserError("give --encodings (calibrated already) or --recipe (calibrate now), not both")
     if args.recipe and args.backend == "null":
         raise UserError("--recipe needs a model backend (torch or ort), not null")
+    _check_executor_flags(args)
     timestamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     output = args.output or f"results/{timestamp}-{args.profile}-{args.backend}-{args.scenario}"
     return RunConfig(profile=args.profile, model_path=args.model_path, backend=args.backend, dtype=args.dtype,
                      device=args.device, encodings=args.encodings, recipe=args.recipe, scenario=args.scenario,
                      modes=modes, dataset_path=args.dataset_path, max_samples=args.max_samples, latents=args.latents,
                      user_conf=args.user_conf, audit_conf=args.audit_conf, count=args.count, time_s=args.time_s,
-                     qps=args.qps, max_batchsize=args.max_batchsize, threads=args.threads, output=output,
+                     qps=args.qps, max_batchsize=args.max_batchsize, threads=args.threads, executor=args.executor,
+                     ray_address=args.ray_address, ray_actors=args.ray_actors, output=output,
                      overwrite=args.overwrite,
                      save_images=args.save_images, warmup=args.warmup, cache_dir=args.cache_dir,
                      statistics_path=args.statistics_path, reference_run=args.reference_run,
                      calibration=calibration, backend_extra=backend_extra)
 
 
+def _check_executor_flags(args: argparse.Namespace) -> None:
+    from sdxl.errors import UserError
+
+    if args.executor != "ray":
+        for flag in ("ray_address", "ray_actors"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} applies to --executor ray only")
+        return
+    if args.device.startswith("cuda:"):
+        raise UserError(f"--device {args.device} with --executor ray: Ray gives each actor its own GPU; "
+                        "use --device cuda")
+    from .ray_cluster import import_ray
+
+    import_ray()  # installed, or one line saying how
+
+
 #: RunConfig fields spelled differently on the command line
 _FLAG_NAMES = {"time_s": "time"}
 #: RunConfig fields that are not flags of their own (or are the run's output, not its input)
-_NOT_FLAGS = ("modes", "output", "overwrite", "warmup", "calibration", "backend_extra")
+_NOT_FLAGS = ("modes", "output", "overwrite", "warmup", "calibration", "backend_extra", "ray_session")
 
 
 def run_flags(config: dict[str, Any]) -> list[str]:
@@ -192,7 +220,8 @@ def execute_run(config: RunConfig) -> RunRecord:
     from .loadgen_settings import user_conf_keys
 
     config.backend = canonical_backend_name(config.backend)
-    check_device(config.device)
+    if config.executor != "ray":  # Ray actors check their own devices: the driver's node may have no GPU
+        check_device(config.device)
     spec = model_spec(config.profile, config.model_path)
     if config.dataset_path is None and (default := profile_default(config.profile, "default_captions")) is not None:
         config.dataset_path = str(default)  # the profile's own validation set (the testbed's); run.json records it
@@ -232,12 +261,13 @@ def execute_run(config: RunConfig) -> RunRecord:
             config.encodings = record.data["backend"]["encodings"] = result["encodings"]
             reasons = non_compliance_reasons(config, spec, captions, latent)  # the encodings may change the sampler
             record.data.update(compliant=not reasons, non_compliance_reasons=reasons)
-        for mode in config.modes:
-            result = _run_test_in_child(config, mode, run_dir / mode)
-            record.add_test(result)
-            if result.get("error"):
-                record.finish("failed", result["error"])
-                return record
+        with _workers(config, record):
+            for mode in config.modes:
+                result = _run_test_in_child(config, mode, run_dir / mode)
+                record.add_test(result)
+                if result.get("error"):
+                    record.finish("failed", result["error"])
+                    return record
         if "accuracy" in config.modes:
             from accuracy.report import evaluate_run
 
@@ -252,8 +282,21 @@ def execute_run(config: RunConfig) -> RunRecord:
     except KeyboardInterrupt as exc:
         record.finish("interrupted", describe(exc))
         raise
+    except UserError as exc:  # found once the run began (a Ray actor that cannot start): the record says so
+        record.finish("failed", str(exc))
+        raise
     record.finish("completed")
     return record
+
+
+def _workers(config: RunConfig, record: RunRecord):
+    """What the tests' executor needs to exist for the whole run: the Ray actors, or nothing (threads)."""
+    if config.executor != "ray":
+        return contextlib.nullcontext()
+    from .ray_cluster import ray_workers
+
+    _start_child_server()  # its imports (torch, diffusers) overlap the actors' model builds
+    return ray_workers(config, record)
 
 
 def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -376,6 +419,14 @@ def _child_context():
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
     return context
+
+
+def _start_child_server() -> None:
+    """Start the forkserver now, in the background, instead of at the first test's start."""
+    if _child_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
 
 
 def _child_main(function, args: tuple, conn) -> None:

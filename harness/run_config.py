@@ -28,7 +28,11 @@ class RunConfig:
     time_s: float | None = None
     qps: float | None = None
     max_batchsize: int = 1
-    threads: int = 1
+    threads: int = 1  # SUT worker threads: batches run at once (with --executor ray: per actor)
+    executor: str = "threads"  # threads (in this process) | ray
+    ray_address: str | None = None  # None: RAY_ADDRESS, else a local Ray started by the run
+    ray_actors: int | None = None  # None: one actor per GPU (cuda) or per node (cpu)
+    ray_session: dict = field(default_factory=dict)  # filled by the run's parent: address, namespace, actor names
     output: str = ""
     overwrite: bool = False  # replace the run already in ``output`` (only a directory holding a run.json)
     save_images: bool = False

@@ -33,6 +33,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block: one process at a time.
+
+    For caches several processes fill at once (Ray actors on one node building the same export): the
+    first builds, the others wait and then find the finished entry. The kernel drops the lock when its
+    holder dies, so a killed builder never leaves the cache locked.
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never a torn one."""
     with atomic_path(path) as tmp, open(tmp, "w") as handle:
