@@ -69,7 +69,7 @@ class Executor(Protocol):
         """Untimed generations of ``steps`` steps on every worker; then zero :meth:`counters`."""
 
     def counters(self) -> dict[str, int]:
-        """Since the warm-up: ``nonfinite_images``, and ``extra_unet_calls`` when a noise correction runs."""
+        """Since the test began (or its warm-up): ``nonfinite_images``; ``extra_unet_calls`` with noise correction."""
 
     def describe(self) -> dict:
         """``executor`` (kind) and ``workers``: one entry per worker (for Ray: node, device, pid)."""
