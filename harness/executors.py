@@ -134,13 +134,16 @@ class PipelineRunner:
 
 
 class ThreadExecutor:
-    """The pipeline in this process; ``threads`` lanes share it (and this process's cores)."""
+    """The pipeline in this process; ``threads`` lanes share it (and this process's cores).
 
-    def __init__(self, pipeline, latent: torch.Tensor, threads: int = 1):
+    ``torch_threads`` is what :func:`share_intra_op_threads` gave each lane, called before the backend
+    was built (ONNX Runtime sizes its pool from torch's thread count when its session is made).
+    """
+
+    def __init__(self, pipeline, latent: torch.Tensor, threads: int, torch_threads: int):
         if threads < 1:
             raise ValueError("--threads must be >= 1")
-        self.lanes = threads
-        self.torch_threads = share_intra_op_threads(threads)
+        self.lanes, self.torch_threads = threads, torch_threads
         self.runner = PipelineRunner(pipeline, latent)
 
     def run(self, work: BatchWork, abort: threading.Event) -> BatchResult:

@@ -42,11 +42,12 @@ def make_executor(config: RunConfig):
                                                                                            config.model_path))
     from sdxl.latents import load_latent
 
-    from .executors import ThreadExecutor
+    from .executors import ThreadExecutor, share_intra_op_threads
 
+    torch_threads = share_intra_op_threads(config.threads)  # before the build: ORT sizes its pool from it
     pipeline, tokenizers = build_pipeline(config)
     latent = load_latent(config.latents, pipeline.spec.latent_size).tensor
-    return ThreadExecutor(pipeline, latent, config.threads), tokenizers
+    return ThreadExecutor(pipeline, latent, config.threads, torch_threads), tokenizers
 
 
 def noise_correction_of(config: RunConfig):

@@ -27,9 +27,11 @@ import json
 import onnx
 import pytest
 import torch
+from tiny_encodings import calibrate_tiny_unet as _encodings
+from tiny_encodings import unet_example_args
 
 from backends import BackendOptions, create_backend
-from backends.onnx_export import GraphSignature, export_onnx, parameter_bytes, save_model, unet_signature
+from backends.onnx_export import GraphSignature, export_onnx, parameter_bytes, save_model
 from backends.ort_backend import create_session, run_bound
 from backends.qdq import apply_marks, check_no_marks
 from calibration.quantize import quantize
@@ -120,29 +122,13 @@ def test_qnn_htp_emulation_runs_a16w8(tmp_path):
 
 @pytest.fixture(scope="module")
 def unet_args(tiny_backend):
-    sig = unet_signature(tiny_backend.unet, batch=2)
-    sample, timestep, states, text_embeds, time_ids = sig.example_inputs
-    return sample, timestep[0], states, text_embeds, time_ids
+    return unet_example_args(tiny_backend)
 
 
 @pytest.fixture(scope="module")
 def fp32_out(tiny_backend, unet_args):
     with torch.no_grad():
         return tiny_backend.predict_noise(*unet_args)
-
-
-def _encodings(tiny_backend, unet_args, recipe: str, directory):
-    """Calibrate the tiny UNet with ``recipe`` on two random CFG batches (the algorithm never sees a pipeline)."""
-    unet = copy.deepcopy(tiny_backend.unet)
-    sample, timestep, states, text_embeds, time_ids = unet_args
-
-    def forward_loop(module):
-        for scale in (1.0, 0.5):
-            module(sample * scale, timestep, encoder_hidden_states=states,
-                   added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
-
-    encodings = quantize(unet, recipe, forward_loop, component="unet", apply=False)
-    return encodings, encodings.save(directory / f"{recipe}.json")
 
 
 @pytest.fixture(scope="module")

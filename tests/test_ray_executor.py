@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from tiny_encodings import calibrate_tiny_unet, unet_example_args
 
 from harness.cli import main
 from harness.ray_cluster import plan_actors
@@ -83,8 +84,13 @@ def test_offline_both_modes_on_two_actors_that_live_across_the_tests(ray_address
     assert "worker-0" in table and "worker-1" in table  # the per-actor table
 
 
-def test_tiny_accuracy_bytes_equal_the_in_process_run(ray_address, tmp_path):
-    common = ["run", "--profile", "tiny", "--accuracy", "--max-samples", "2", "--max-batchsize", "1"]
+def test_tiny_accuracy_bytes_equal_the_in_process_run(ray_address, tmp_path, tiny_backend):
+    # fake-quant encodings with a weights delta and pre-scales (SmoothQuant): the actors must load the
+    # bytes shipped to them through the object store, not the driver's files
+    _, encodings = calibrate_tiny_unet(tiny_backend, unet_example_args(tiny_backend), "smoothquant-w8a8", tmp_path)
+    assert json.loads(encodings.read_text())["weights_delta"]
+    common = ["run", "--profile", "tiny", "--accuracy", "--max-samples", "2", "--max-batchsize", "1",
+              "--encodings", str(encodings), "--cache-dir", str(tmp_path / "cache")]
     assert main([*common, "--output", str(tmp_path / "local")]) == 0
     assert main([*common, "--executor", "ray", "--ray-address", ray_address, "--ray-actors", "2",
                  "--output", str(tmp_path / "ray")]) == 0
@@ -92,6 +98,10 @@ def test_tiny_accuracy_bytes_equal_the_in_process_run(ray_address, tmp_path):
     assert set(ray["sut"]["workers"]) == {"worker-0", "worker-1"}  # one image each
     assert ray["executor"]["workers"][0]["torch_threads"] == local["executor"]["workers"][0]["torch_threads"]
     assert _accuracy(ray) == _accuracy(local) and len(_accuracy(local)) == 2
+    shipped = Path(ray["backend"]["encodings"])  # the actor's copy, in its node's cache
+    assert shipped.parent.parent == tmp_path / "cache" / "shipped" and shipped.read_bytes() == encodings.read_bytes()
+    delta = json.loads(encodings.read_text())["weights_delta"]
+    assert (shipped.parent / delta).read_bytes() == (encodings.parent / delta).read_bytes()
 
 
 def _start_run(out: Path, *flags: str, env_extra: dict | None = None) -> subprocess.Popen:
