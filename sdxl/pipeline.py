@@ -22,7 +22,7 @@ from diffusers import EulerDiscreteScheduler
 
 from .backend import Backend
 from .benchmark_spec import GUIDANCE_SCALE, NEGATIVE_PROMPT, NUM_INFERENCE_STEPS
-from .image_bytes import images_to_uint8
+from .image_bytes import convert_images
 from .models import ModelSpec
 from .tokenizers import tokenize
 
@@ -152,8 +152,8 @@ class SDXLPipeline:
             latents = self.denoise(latent, conditioning, ids_1.shape[0], step_callback=step_callback,
                                    max_steps=max_steps)
             decoded = self.backend.decode(latents / self.backend.vae_scaling_factor)
-            nonfinite = int((~torch.isfinite(decoded)).flatten(1).any(1).sum())
+            images, nonfinite = convert_images(decoded, from_vae=True)
             if nonfinite:
                 with self._count_lock:
                     self.nonfinite_images += nonfinite
-            return images_to_uint8(decoded, from_vae=True)
+            return images
