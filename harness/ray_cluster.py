@@ -51,6 +51,7 @@ def connect(address: str | None, namespace: str, log_to_driver: bool, quiet: boo
     if auth_mode:
         os.environ["RAY_AUTH_MODE"] = auth_mode
     ray = import_ray()
+    check_address(address or os.environ.get("RAY_ADDRESS"))
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
@@ -189,6 +190,22 @@ def _record_survivors(ray, handles: list, record) -> None:
                 alive = True
         actor["alive_at_end"] = alive
     record.save()
+
+
+def check_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """A ``HOST:PORT`` that accepts a TCP connection, or one line now: ``ray.init`` retries an unreachable
+    GCS for minutes, deaf to Ctrl-C and SIGTERM. ``auto`` and ``ray://`` addresses are left to Ray."""
+    if not address or address == "auto" or "://" in address:
+        return
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address {address}: expected HOST:PORT of the cluster's head (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserError(f"--ray-address {address}: no Ray cluster answers ({exc.strerror or exc})") from None
 
 
 def _chain_text(exc: BaseException | None) -> str:

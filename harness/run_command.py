@@ -147,9 +147,10 @@ def _check_executor_flags(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda:"):
         raise UserError(f"--device {args.device} with --executor ray: Ray gives each actor its own GPU; "
                         "use --device cuda")
-    from .ray_cluster import import_ray
+    from .ray_cluster import check_address, import_ray
 
     import_ray()  # installed, or one line saying how
+    check_address(args.ray_address or os.environ.get("RAY_ADDRESS"))  # before the run directory is made
 
 
 #: RunConfig fields spelled differently on the command line

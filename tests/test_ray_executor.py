@@ -210,6 +210,10 @@ def test_executor_flags_are_checked_before_anything_starts(tmp_path, capsys):
     assert "--ray-actors applies to --executor ray only" in capsys.readouterr().err
     assert main([*base, "--executor", "ray", "--device", "cuda:1"]) == 2
     assert "use --device cuda" in capsys.readouterr().err
+    assert main([*base, "--executor", "ray", "--ray-address", "127.0.0.1:1"]) == 2  # nothing listens there
+    assert "--ray-address 127.0.0.1:1: no Ray cluster answers" in capsys.readouterr().err
+    assert main([*base, "--executor", "ray", "--ray-address", "head-node"]) == 2
+    assert "expected HOST:PORT" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
