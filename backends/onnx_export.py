@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -65,14 +65,59 @@ def _weight_forward(module: torch.nn.Module, key: str):
     raise ValueError(f"weight marks support Conv1d/Conv2d/Linear, not {type(module).__name__} ({key})")
 
 
+def group_key(key: str, group: int) -> str:
+    """The mark of one channel group of a grouped (split) entry: ``<key>@<group>``."""
+    return f"{key}@{group}"
+
+
+def _split_forward(module: torch.nn.Module, groups, input_key: str | None, weight_key: str | None,
+                   grouped: set[str]):
+    """A Conv2d ``forward`` computing one conv per input-channel group, summed (shortcut splitting).
+
+    Exports as ``Slice`` -> per-group Q/DQ -> ``Conv`` per group -> ``Add``: each operand of the skip
+    concatenation gets its own per-tensor quantizer, which TensorRT and QNN can run (neither has
+    per-channel activation scales). A tensor whose entry is not grouped is marked whole, then sliced.
+    The bias is added once, by group 0's conv.
+    """
+    def forward(input):
+        x = mark(input, input_key) if input_key and input_key not in grouped else input
+        w = mark(module.weight, weight_key) if weight_key and weight_key not in grouped else module.weight
+        out = None
+        for g, (lo, hi) in enumerate(groups):
+            xg, wg = x[:, lo:hi], w[:, lo:hi]
+            if input_key in grouped:
+                xg = mark(xg, group_key(input_key, g))
+            if weight_key in grouped:
+                wg = mark(wg, group_key(weight_key, g))
+            y = module._conv_forward(xg, wg, module.bias if g == 0 else None)
+            out = y if out is None else out + y
+        return out
+    return forward
+
+
 @contextlib.contextmanager
-def marked(module: torch.nn.Module, keys: Iterable[str]) -> Iterator[None]:
-    """Within the block, ``module``'s forward emits a ``Mark`` at each key's tensor."""
+def marked(module: torch.nn.Module, keys: Iterable[str],
+           channel_groups: Mapping[str, list] | None = None) -> Iterator[None]:
+    """Within the block, ``module``'s forward emits a ``Mark`` at each key's tensor.
+
+    ``channel_groups`` (key -> ``[[lo, hi], ...]``, a grouped entry's ranges) split that Conv2d's
+    computation per input-channel group (:func:`_split_forward`), one ``Mark`` per group's slice.
+    """
     from quant.slots import resolve_slots
 
+    channel_groups = dict(channel_groups or {})
     handles, patched = [], []
     try:
-        for slot in resolve_slots(module, keys, "cannot mark"):
+        slots = resolve_slots(module, keys, "cannot mark")
+        split = {s.name: channel_groups[s.key] for s in slots if s.key in channel_groups}
+        for name, groups in split.items():
+            target = module.get_submodule(name)
+            mine = {s.kind: s.key for s in slots if s.name == name and s.kind in ("input", "weight")}
+            target.forward = _split_forward(target, groups, mine.get("input"), mine.get("weight"), set(channel_groups))
+            patched.append(target)
+        for slot in slots:
+            if slot.name in split and slot.kind in ("input", "weight"):
+                continue
             if slot.kind == "weight":
                 slot.module.forward = _weight_forward(slot.module, slot.key)
                 patched.append(slot.module)
@@ -145,8 +190,11 @@ def unet_signature(unet: torch.nn.Module, batch: int = 2) -> GraphSignature:
 
 
 def export_onnx(module: torch.nn.Module, signature: GraphSignature, path: Path,
-                marks: Iterable[str] = (), prefix: str = "", stream_weights: bool | None = None) -> Path:
+                marks: Iterable[str] = (), prefix: str = "", stream_weights: bool | None = None,
+                channel_groups: Mapping[str, list] | None = None) -> Path:
     """Export ``module`` (marked at ``marks``, keys relative to ``module``) to ``path``, opset 21.
+
+    ``channel_groups``: the grouped marks' channel ranges (see :func:`marked`).
 
     ``prefix`` is the path of the keyed module inside ``module`` (``"unet."`` for :class:`UNetForExport`).
     The file is written to a temporary name and renamed, so an interrupted export never leaves a model
@@ -168,7 +216,7 @@ def export_onnx(module: torch.nn.Module, signature: GraphSignature, path: Path,
         stream_weights = parameter_bytes(module) >= EXTERNAL_DATA_BYTES - (64 << 20)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
-        with marked(keyed, marks), torch.no_grad(), warnings.catch_warnings():
+        with marked(keyed, marks, channel_groups), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript tracer warnings on diffusers' shape checks
             torch.onnx.export(module, signature.example_inputs, str(raw), dynamo=False, opset_version=EXPORT_OPSET,
                               input_names=list(signature.input_names), output_names=list(signature.output_names),

@@ -96,6 +96,7 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     consumers: dict[str, list] = {}
+    producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
@@ -110,7 +111,7 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
             continue
         key = _attribute(node, "key").decode()
         source, target = node.input[0], node.output[0]
-        value = entries.get(key) if entries else None
+        value = _entry(entries, key)
         if value is None:
             result.removed_marks += 1
             if target in graph_outputs:
@@ -119,11 +120,12 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
                 renames[target] = source
             continue
         enc = _single(value, key)
-        _, kind, _ = parse_key(key)
+        _, kind, _ = parse_key(key.partition("@")[0])
         if kind == "weight":
-            if source not in initializers:
+            array = _constant(source, initializers, producers)
+            if array is None:
                 raise EncodingsError(f"{key}: the exported weight {source!r} is not a constant initializer")
-            weight = torch.from_numpy(numpy_helper.to_array(initializers[source]).copy())
+            weight = torch.from_numpy(array.copy())
             q = quantize_tensor(weight, enc.qparams()).numpy()
             if enc.dtype == "int8":
                 result.max_abs_int8_weight = max(result.max_abs_int8_weight, int(np.abs(q).max()))
@@ -160,9 +162,60 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
                 name = renames[name]
             node.input[i] = name
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(_live(new_nodes, {o.name for o in graph.output}))
     _drop_unused_initializers(graph)
     return result
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """``nodes`` less those no graph output depends on (a split weight's float ``Slice`` once its part
+    became a quantized initializer), so the float weight they read is dropped too."""
+    needed, live = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            live.append(node)
+            needed.update(node.input)
+    return live[::-1]
+
+
+def _entry(entries, mark_key: str) -> Encoding | list[Encoding] | None:
+    """The entry of a mark: its key's, or for ``<key>@<g>`` (a channel group's slice) group ``g``'s."""
+    key, _, group = mark_key.partition("@")
+    value = entries.get(key) if entries else None
+    if value is None or not group:
+        return value
+    return _single(value, key).groups()[int(group)]
+
+
+def _constant(name: str, initializers, producers) -> np.ndarray | None:
+    """The value of ``name`` when it is constant: an initializer, or ``Slice``/``Unsqueeze``/``Concat`` of
+    constants (a split weight's part when the export ran without constant folding, as the streamed
+    full-size export does); None otherwise."""
+    from onnx import numpy_helper
+
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name])
+    node = producers.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Constant":
+        return numpy_helper.to_array(_attribute(node, "value"))
+    if node.op_type not in ("Slice", "Unsqueeze", "Concat"):
+        return None
+    operands = [_constant(i, initializers, producers) if i else None for i in node.input]
+    if any(v is None for i, v in zip(node.input, operands) if i):
+        return None
+    if node.op_type == "Unsqueeze":
+        return np.expand_dims(operands[0], tuple(int(a) for a in operands[1]))
+    if node.op_type == "Concat":
+        return np.concatenate(operands, axis=int(_attribute(node, "axis")))
+    data, starts, ends = operands[:3]
+    axes = operands[3] if len(operands) > 3 and operands[3] is not None else range(len(starts))
+    steps = operands[4] if len(operands) > 4 and operands[4] is not None else [1] * len(starts)
+    index = [slice(None)] * data.ndim
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        index[int(axis)] = slice(int(start), int(min(end, data.shape[int(axis)])), int(step))
+    return data[tuple(index)]
 
 
 def _attribute(node, name: str) -> Any:

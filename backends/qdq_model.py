@@ -46,6 +46,7 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
     """
     import onnx
 
+    from quant.encodings import Encoding
     from quant.fake_quant import pre_scaled, validate_encodings
 
     from .onnx_export import (
@@ -74,7 +75,9 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
     validate_encodings(unet, entries, "unet")  # clear errors first; adds the attention matmuls keys may name
     marked = directory / ".unet.marked.onnx"
     with pre_scaled(unet, pre_scales):
-        export_onnx(UNetForExport(unet), unet_signature(unet), marked, marks=entries.keys(), prefix="unet.")
+        export_onnx(UNetForExport(unet), unet_signature(unet), marked, marks=entries.keys(), prefix="unet.",
+                    channel_groups={k: v.channel_groups for k, v in entries.items()
+                                    if isinstance(v, Encoding) and v.channel_groups})
     model = onnx.load(str(marked))
     result = apply_marks(model, entries)
     check_no_marks(model)

@@ -54,12 +54,23 @@ def activation_encoding(observer: Observer, spec: QuantizerSpec, axis: int | Non
 
 
 def weight_encoding(plan: LayerPlan) -> Encoding:
-    """The weight quantizer of one layer, straight from the weight tensor."""
+    """The weight quantizer of one layer, straight from the weight tensor (per input-channel group when split)."""
     spec = plan.weights
     axis = spec.resolved_axis(plan.module, "weights")
-    observer = make_observer({k: v for k, v in spec.observer.items() if k not in TIMESTEP_KEYS}, axis)
-    observer.update(plan.module.weight)
-    return _encoding(observer, spec, axis)
+    parts = []
+    for lo, hi in plan.channel_groups or [(0, None)]:
+        observer = make_observer({k: v for k, v in spec.observer.items() if k not in TIMESTEP_KEYS}, axis)
+        weight = plan.module.weight
+        observer.update(weight if hi is None else weight[:, lo:hi])
+        parts.append(_encoding(observer, spec, axis))
+    return Encoding.grouped(parts, list(plan.channel_groups), 1) if plan.channel_groups else parts[0]
+
+
+def _grouped(per_group: list[Encoding | list[Encoding]], groups, axis: int) -> Encoding | list[Encoding]:
+    """Per-group encodings (each plain, or timestep-ranged lists of equal ranges) as grouped ones."""
+    if isinstance(per_group[0], list):
+        return [Encoding.grouped(list(parts), list(groups), axis) for parts in zip(*per_group)]
+    return Encoding.grouped(per_group, list(groups), axis)
 
 
 class ActivationObservers:
@@ -67,15 +78,26 @@ class ActivationObservers:
 
     def __init__(self, plans: list[LayerPlan]):
         self.observers: dict[str, tuple[Observer, QuantizerSpec, int | None]] = {}
+        #: a split input's groups: key -> (channel ranges, one observer per range)
+        self.grouped: dict[str, tuple[tuple[tuple[int, int], ...], list[Observer]]] = {}
         self._handles = []
         for plan in plans:
             if plan.inputs is not None:
                 axis = plan.inputs.resolved_axis(plan.module, "inputs")
                 for index in range(getattr(plan.module, "quantized_inputs", 1)):  # MatMul: both operands
-                    obs = make_observer(plan.inputs.observer, axis)
-                    self.observers[tensor_key(plan.name, "input", index)] = (obs, plan.inputs, axis)
-                    self._handles.append(plan.module.register_forward_pre_hook(self._pre_hook(obs, index),
-                                                                               with_kwargs=True))
+                    key = tensor_key(plan.name, "input", index)
+                    if plan.channel_groups:
+                        if axis is not None:
+                            raise RecipeError(f"{plan.name}: a split input is quantized per tensor in each group "
+                                              "(TensorRT has no per-channel activation scales); use axis: null")
+                        observers = [make_observer(plan.inputs.observer, None) for _ in plan.channel_groups]
+                        self.grouped[key] = (plan.channel_groups, observers)
+                        self.observers[key] = (observers[0], plan.inputs, axis)
+                    else:
+                        observers = [make_observer(plan.inputs.observer, axis)]
+                        self.observers[key] = (observers[0], plan.inputs, axis)
+                    self._handles.append(plan.module.register_forward_pre_hook(
+                        self._pre_hook(observers, index, plan.channel_groups), with_kwargs=True))
             if plan.outputs is not None:
                 axis = plan.outputs.resolved_axis(plan.module, "outputs")
                 obs = make_observer(plan.outputs.observer, axis)
@@ -83,11 +105,15 @@ class ActivationObservers:
                 self._handles.append(plan.module.register_forward_hook(self._post_hook(obs)))
 
     @staticmethod
-    def _pre_hook(obs: Observer, index: int):
+    def _pre_hook(observers: list[Observer], index: int, groups=()):
         def hook(module, args, kwargs):
             x = call_input(module, args, kwargs, index)
-            if x is not None:
-                obs.update(x)
+            if x is None:
+                return
+            if not groups:
+                observers[0].update(x)
+            for obs, (lo, hi) in zip(observers, groups):
+                obs.update(x[:, lo:hi])
         return hook
 
     @staticmethod
@@ -108,7 +134,11 @@ class ActivationObservers:
             if obs.count == 0:
                 log.warning("%s never ran during calibration; left in high precision", key)
                 continue
-            out[key] = activation_encoding(obs, spec, axis)
+            if key in self.grouped:
+                groups, observers = self.grouped[key]
+                out[key] = _grouped([activation_encoding(o, spec, None) for o in observers], groups, 1)
+            else:
+                out[key] = activation_encoding(obs, spec, axis)
         return out
 
 

@@ -13,7 +13,9 @@ UNet and VAE differently); ``methods``: the calibration methods to run, in order
 softmax·V, both inputs quantized by ``inputs``, see :mod:`quant.attention`); ``weights`` / ``inputs`` / ``outputs``: a quantizer
 ``{dtype, symmetric, axis, observer, reduce_range}`` or ``null`` (off); ``exclude``: module-name patterns kept in
 high precision; ``overrides``: ``[{match: [patterns], weights|inputs|outputs: {...} | null}]`` applied
-in order; ``calibration``: defaults for the capture (``timesteps``, ``num_prompts``).
+in order; ``shortcut_split: true`` quantizes each layer that reads a skip concatenation (the UNet's
+up-block ``conv_shortcut``) per concatenated tensor, input and weight (Q-Diffusion's split,
+:mod:`quant.shortcut_split`); ``calibration``: defaults for the capture (``timesteps``, ``num_prompts``).
 
 Patterns: a glob (``*attn*.to_q``) is matched against the whole dotted name; a plain name
 (``conv_shortcut``, ``time_embedding``) matches any run of whole dotted segments, like modelopt's
@@ -40,7 +42,7 @@ from quant.formats import get_format
 from .observers import make_observer
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-SCHEME_KEYS = {"types", "weights", "inputs", "outputs", "exclude", "overrides"}
+SCHEME_KEYS = {"types", "weights", "inputs", "outputs", "exclude", "overrides", "shortcut_split"}
 #: ``source`` is provenance (where a recipe came from), kept when a recorded recipe is loaded again
 TOP_LEVEL_KEYS = {"name", "description", "components", "methods", "calibration", "source"} | SCHEME_KEYS
 QUANTIZER_KEYS = {"dtype", "symmetric", "axis", "observer", "reduce_range"}
@@ -99,6 +101,8 @@ class LayerPlan:
     weights: QuantizerSpec | None
     inputs: QuantizerSpec | None
     outputs: QuantizerSpec | None
+    #: input-channel ranges quantized apart (shortcut splitting); empty: the tensors are quantized whole
+    channel_groups: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Recipe:
     outputs: QuantizerSpec | None = None
     exclude: tuple[str, ...] = ()
     overrides: list[dict[str, Any]] = field(default_factory=list)
+    shortcut_split: bool = False
     calibration: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     methods: tuple[MethodConfig, ...] = ()
@@ -145,14 +150,18 @@ class Recipe:
         out["components"] = ({c: _scheme_json(self.component_schemes[c]) if c in self.component_schemes else None
                               for c in self.components} if self.component_schemes else list(self.components))
         out.update(_scheme_json({"types": self.types, "weights": self.weights, "inputs": self.inputs,
-                                 "outputs": self.outputs, "exclude": self.exclude, "overrides": self.overrides}))
+                                 "outputs": self.outputs, "exclude": self.exclude, "overrides": self.overrides,
+                                 "shortcut_split": self.shortcut_split}))
         out["methods"] = [m.to_json() for m in self.methods]
         out["calibration"] = dict(self.calibration)
         return out
 
     def plan(self, module: torch.nn.Module) -> tuple[list[LayerPlan], list[str]]:
         """Match the recipe against ``module``: quantized layers, and layers of a target type kept high precision."""
+        from quant.shortcut_split import concat_boundaries
+
         types = tuple(MODULE_TYPES[t] for t in self.types)
+        boundaries = concat_boundaries(module) if self.shortcut_split else {}
         plans, excluded = [], []
         for name, sub in module.named_modules():
             if not name or not isinstance(sub, types):
@@ -169,7 +178,8 @@ class Recipe:
             if not any(slots.values()):
                 excluded.append(name)
                 continue
-            plans.append(LayerPlan(name, sub, slots["weights"], slots["inputs"], slots["outputs"]))
+            groups = ((0, boundaries[name]), (boundaries[name], sub.in_channels)) if name in boundaries else ()
+            plans.append(LayerPlan(name, sub, slots["weights"], slots["inputs"], slots["outputs"], groups))
         return plans, excluded
 
 
@@ -181,6 +191,8 @@ def _scheme_json(scheme: dict[str, Any]) -> dict[str, Any]:
             out[key] = value.to_json() if value is not None else None
         elif key == "overrides":
             out[key] = [{k: (v.to_json() if isinstance(v, QuantizerSpec) else v) for k, v in o.items()} for o in value]
+        elif key == "shortcut_split":
+            out[key] = value
         else:
             out[key] = list(value)
     return out
@@ -239,6 +251,10 @@ def _scheme(data: dict[str, Any], where: str) -> dict[str, Any]:
             scheme[slot] = _quantizer(data[slot], f"{where}: {slot}")
     if "exclude" in data:
         scheme["exclude"] = tuple(data.get("exclude") or ())
+    if "shortcut_split" in data:
+        if not isinstance(data["shortcut_split"], bool):
+            raise RecipeError(f"{where}: shortcut_split: expected true or false, got {data['shortcut_split']!r}")
+        scheme["shortcut_split"] = data["shortcut_split"]
     if "overrides" in data:
         overrides = []
         for i, override in enumerate(data.get("overrides") or []):

@@ -13,7 +13,8 @@ scale[], offset[]}``), ``quantizer_args`` and ``excluded_layers``. Two conventio
 One AIMET file describes one graph, so we write one per component. Tensor names: parameters are
 ``<module>.weight`` (the initializer names ``torch.onnx.export`` gives); activations keep our key unless
 ``name_map`` (the ONNX Runtime backend's key -> ONNX tensor map) says otherwise. Timestep-ranged keys
-export the entry of the earliest (noisiest) step, since AIMET has no timestep field.
+export the entry of the earliest (noisiest) step, since AIMET has no timestep field. A split (grouped)
+entry is one encoding per channel group, each named ``<tensor>@<g>`` unless ``name_map`` names its slice.
 """
 
 from __future__ import annotations
@@ -66,10 +67,12 @@ def to_aimet(encodings: Encodings, component: str, name_map: dict[str, str] | No
         enc = value if isinstance(value, Encoding) else min(value, key=lambda e: -e.timesteps[1])
         if isinstance(value, list) or get_format(enc.dtype).is_float:
             lost.append(key)
-        if kind == "weight":
-            params.append(_entry(name_map.get(key, f"{module}.weight"), enc))
-        else:
-            activations.append(_entry(name_map.get(key, key), enc))
+        default = f"{module}.weight" if kind == "weight" else key
+        # a split (grouped) tensor is one ONNX tensor per group: ``<key>@<g>``, as the QDQ export names them
+        names = [name_map.get(key, default)] if not enc.channel_groups else \
+            [name_map.get(f"{key}@{g}", f"{default}@{g}") for g in range(len(enc.channel_groups))]
+        for name, part in zip(names, enc.groups()):
+            (params if kind == "weight" else activations).append(_entry(name, part))
     doc = {"version": AIMET_VERSION, "activation_encodings": activations, "param_encodings": params,
            "quantizer_args": _quantizer_args(encodings.recipe),
            "excluded_layers": sorted(encodings.excluded.get(component, []))}

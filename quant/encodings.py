@@ -12,7 +12,7 @@ Layout (``format: sdxl-ptq-bench/encodings``, documented with an example in ``do
 
 An ``Entry`` is ``{dtype, bits, symmetric, axis, scale[], offset[], min[], max[]}`` plus optional
 ``timesteps: [lo, hi]`` (inclusive; a key may hold a list of entries with disjoint ranges),
-``channel_groups`` and ``observer`` (provenance). ``dtype`` is the ONNX/AIMET-2.0.0 ``output_dtype``
+``channel_groups`` + ``group_axis`` (a tensor quantized as several, see below) and ``observer`` (provenance). ``dtype`` is the ONNX/AIMET-2.0.0 ``output_dtype``
 name, ``scale`` the ``y_scale`` and ``offset`` the ONNX ``y_zero_point`` (``q = round(x/scale) + offset``);
 arrays have one element per channel along ``axis`` (``axis: null`` = per-tensor, length 1). Sections
 are per component because the two text encoders share module names.
@@ -23,6 +23,14 @@ Version 1.1 holds what calibration methods produce, as data every backend applie
 load; ``pre_scales`` multiply a layer's input per channel before its quantizer (a ``Mul`` in the ONNX
 export: SmoothQuant where ``1/s`` cannot fold into the previous op); ``methods`` records which
 methods ran, with their settings and cost. Files of version 1.0 still load.
+
+A *grouped* entry (Q-Diffusion's shortcut splitting: a layer reading ``cat([h, skip])`` quantizes each
+operand with its own encoding) has ``channel_groups: [[lo, hi], ...]``, contiguous half-open channel
+ranges along ``group_axis`` that cover it; ``scale``/``offset``/``min``/``max`` hold group 0's values,
+then group 1's, each group as a plain entry would (one value per-tensor, one per channel along
+``axis`` otherwise). :meth:`Encoding.groups` gives each group's own entry; :meth:`Encoding.qparams`
+the equivalent elementwise quantizer, which is what fake quantization runs -- exactly the per-group
+q/dq, since groups do not overlap.
 
 Keys name real module paths inside the component (``down_blocks.1.attentions.0...to_q:weight[0]``);
 attention matmuls use the modules ``<attention>.bmm_qk`` (inputs Q, K^T) and ``<attention>.bmm_pv``
@@ -83,6 +91,7 @@ class Encoding:
     timesteps: tuple[int, int] | None = None
     channel_groups: list[list[int]] | None = None
     observer: dict[str, Any] | None = None
+    group_axis: int | None = None
 
     def __post_init__(self) -> None:
         if not self.min or not self.max:  # derived, so hand-written entries may leave them out
@@ -97,13 +106,60 @@ class Encoding:
                    [float(v) for v in qp.scale.float()], [int(v) for v in qp.offset],
                    [float(v) for v in lo.float()], [float(v) for v in hi.float()], timesteps, None, observer)
 
+    @classmethod
+    def grouped(cls, parts: list["Encoding"], ranges: list[tuple[int, int]], group_axis: int) -> "Encoding":
+        """One entry quantizing channel range ``ranges[g]`` along ``group_axis`` with ``parts[g]``."""
+        first = parts[0]
+        if len(parts) != len(ranges) or any((p.dtype, p.symmetric, p.axis, p.channels, p.channel_groups)
+                                            != (first.dtype, first.symmetric, first.axis, first.channels, None)
+                                            for p in parts):
+            raise EncodingsError("grouped encodings need one plain part per range, all of one format and shape")
+        observers = [p.observer for p in parts]
+        return cls(first.dtype, first.bits, first.symmetric, first.axis, [v for p in parts for v in p.scale],
+                   [v for p in parts for v in p.offset], [v for p in parts for v in p.min],
+                   [v for p in parts for v in p.max], first.timesteps, [list(r) for r in ranges],
+                   {"groups": observers} if any(observers) else None, group_axis)
+
+    def groups(self) -> list["Encoding"]:
+        """Each channel group's own (plain) entry, in order; ``[self]`` for an ungrouped one."""
+        if not self.channel_groups:
+            return [self]
+        n = len(self.scale) // len(self.channel_groups)
+        observers = (self.observer or {}).get("groups") or [None] * len(self.channel_groups)
+        return [Encoding(self.dtype, self.bits, self.symmetric, self.axis, self.scale[g * n:(g + 1) * n],
+                         self.offset[g * n:(g + 1) * n], self.min[g * n:(g + 1) * n], self.max[g * n:(g + 1) * n],
+                         self.timesteps, None, observers[g])
+                for g in range(len(self.channel_groups))]
+
     def qparams(self) -> QParams:
-        return QParams(get_format(self.dtype), torch.tensor(self.scale, dtype=torch.float32),
-                       torch.tensor(self.offset, dtype=torch.float32), self.axis, self.symmetric)
+        """The quantizer; a grouped entry's is elementwise along ``group_axis`` (and ``axis``), each
+        channel carrying its group's scale and offset."""
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        offset = torch.tensor(self.offset, dtype=torch.float32)
+        if not self.channel_groups:
+            return QParams(get_format(self.dtype), scale, offset, self.axis, self.symmetric)
+        widths = torch.tensor([hi - lo for lo, hi in self.channel_groups])
+        n = len(self.scale) // len(self.channel_groups)
+        # (groups, n) -> per channel of group_axis, then (n, C) when there is a per-channel axis too
+        scale = scale.reshape(-1, n).repeat_interleave(widths, dim=0)
+        offset = offset.reshape(-1, n).repeat_interleave(widths, dim=0)
+        if self.axis is None:
+            return QParams(get_format(self.dtype), scale.reshape(-1), offset.reshape(-1), self.group_axis,
+                           self.symmetric)
+        axes = (self.axis, self.group_axis)
+        if self.axis > self.group_axis:
+            return QParams(get_format(self.dtype), scale, offset, axes[::-1], self.symmetric)
+        return QParams(get_format(self.dtype), scale.T.contiguous(), offset.T.contiguous(), axes, self.symmetric)
 
     @property
     def channels(self) -> int:
+        """Scales this entry holds (channels along ``axis``, times the groups of a grouped entry)."""
         return len(self.scale)
+
+    @property
+    def group_channels(self) -> int:
+        """Channels along ``axis`` in each group (1 per-tensor): ``channels`` of a plain entry."""
+        return len(self.scale) // max(1, len(self.channel_groups or ()))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": self.dtype, "bits": self.bits, "symmetric": self.symmetric, "axis": self.axis,
@@ -111,7 +167,7 @@ class Encoding:
         if self.timesteps is not None:
             out["timesteps"] = list(self.timesteps)
         if self.channel_groups is not None:
-            out["channel_groups"] = self.channel_groups
+            out["channel_groups"], out["group_axis"] = self.channel_groups, self.group_axis
         if self.observer is not None:
             out["observer"] = self.observer
         return out
@@ -138,15 +194,36 @@ class Encoding:
         if not fmt.is_float and any(not fmt.qmin <= o <= fmt.qmax for o in offset):
             raise EncodingsError(f"{where}: offset outside [{fmt.qmin}, {fmt.qmax}] of {fmt.name}")
         axis = data.get("axis")
-        if axis is None and len(scale) != 1:
+        if axis is None and len(scale) != 1 and data.get("channel_groups") is None:
             raise EncodingsError(f"{where}: {len(scale)} scales but no axis (per-tensor needs exactly one)")
         bits = int(data.get("bits", fmt.bits))
         if bits != fmt.bits:
             raise EncodingsError(f"{where}: bits {bits} does not match dtype {fmt.name}")
+        groups, group_axis = _channel_groups(data, len(scale), axis, where)
         return cls(fmt.name, bits, bool(data.get("symmetric", True)), None if axis is None else int(axis), scale, offset,
                    [float(v) for v in _as_list(data.get("min", []))], [float(v) for v in _as_list(data.get("max", []))],
                    tuple(data["timesteps"]) if data.get("timesteps") is not None else None,
-                   data.get("channel_groups"), data.get("observer"))
+                   groups, data.get("observer"), group_axis)
+
+
+def _channel_groups(data: dict[str, Any], scales: int, axis: Any, where: str) -> tuple[list[list[int]] | None, int | None]:
+    """``channel_groups`` (contiguous ``[lo, hi)`` ranges from 0) and ``group_axis`` of an entry, checked."""
+    groups = data.get("channel_groups")
+    if groups is None:
+        return None, None
+    group_axis = data.get("group_axis")
+    ok = isinstance(groups, list) and len(groups) >= 2 and all(
+        isinstance(g, list) and len(g) == 2 and all(isinstance(v, int) for v in g) for g in groups)
+    if not ok or not isinstance(group_axis, int) or group_axis == axis:
+        raise EncodingsError(f"{where}: channel_groups is a list of two or more [lo, hi] ranges with an integer "
+                             "group_axis other than axis")
+    if groups[0][0] != 0 or any(a[1] != b[0] for a, b in zip(groups, groups[1:])) or any(lo >= hi for lo, hi in groups):
+        raise EncodingsError(f"{where}: channel_groups {groups} are not contiguous non-empty ranges from 0")
+    if scales % len(groups):
+        raise EncodingsError(f"{where}: {scales} scales do not split into {len(groups)} channel groups")
+    if (axis is None) != (scales == len(groups)):
+        raise EncodingsError(f"{where}: {scales} scales for {len(groups)} groups do not match axis {axis}")
+    return groups, group_axis
 
 
 @dataclass

@@ -53,20 +53,33 @@ def validate_encodings(module: torch.nn.Module, entries: Entries, where: str = "
         here = f"{where}: {slot.key}"
         value = entries[slot.key]
         for enc in value if isinstance(value, list) else [value]:
+            if enc.channel_groups:
+                _check_groups(slot, enc, here)
             if slot.kind == "weight":
                 weight = getattr(slot.module, "weight", None)
                 if not isinstance(weight, torch.Tensor) or slot.index != 0:
                     raise EncodingsError(f"{here}: module {slot.name!r} ({type(slot.module).__name__}) has no such weight")
-                if enc.axis is not None and enc.channels > 1:
-                    if not -weight.dim() <= enc.axis < weight.dim() or weight.shape[enc.axis] != enc.channels:
-                        raise EncodingsError(f"{here}: {enc.channels} channels on axis {enc.axis} but the weight has "
-                                             f"shape {tuple(weight.shape)}")
-            elif enc.axis is not None and enc.channels > 1:
+                if enc.axis is not None and enc.group_channels > 1:
+                    if not -weight.dim() <= enc.axis < weight.dim() or weight.shape[enc.axis] != enc.group_channels:
+                        raise EncodingsError(f"{here}: {enc.group_channels} channels on axis {enc.axis} but the weight "
+                                             f"has shape {tuple(weight.shape)}")
+            elif enc.axis is not None and enc.group_channels > 1:
                 expected = _channel_axis_size(slot.module, slot.kind, enc.axis)
-                if expected is not None and expected != enc.channels:
-                    raise EncodingsError(f"{here}: {enc.channels} channels on axis {enc.axis} but {slot.name!r} "
+                if expected is not None and expected != enc.group_channels:
+                    raise EncodingsError(f"{here}: {enc.group_channels} channels on axis {enc.axis} but {slot.name!r} "
                                          f"has {expected}")
     return slots
+
+
+def _check_groups(slot: Slot, enc: Encoding, here: str) -> None:
+    """A grouped entry must name a Conv2d's input or weight, split along its input channels, all of them."""
+    module = slot.module
+    if not isinstance(module, torch.nn.Conv2d) or slot.kind == "output" or enc.group_axis != 1:
+        raise EncodingsError(f"{here}: channel groups split a Conv2d's input or weight along axis 1 (input "
+                             f"channels), not {slot.kind} axis {enc.group_axis} of {type(module).__name__}")
+    if enc.channel_groups[-1][1] != module.in_channels:
+        raise EncodingsError(f"{here}: channel groups {enc.channel_groups} do not cover the "
+                             f"{module.in_channels} input channels of {slot.name!r}")
 
 
 def install_pre_scales(module: torch.nn.Module, pre_scales: Mapping[str, PreScale],

@@ -27,9 +27,9 @@ class QParams:
     """Scale and offset (ONNX zero point) of one quantizer; 1-element tensors when per-tensor."""
 
     fmt: QFormat
-    scale: torch.Tensor  # float32, shape (C,) or (1,)
+    scale: torch.Tensor  # float32, shape (C,) or (1,); (C_a, C_b) along two axes (a grouped encoding's)
     offset: torch.Tensor  # float32 holding integers, same shape
-    axis: int | None = None
+    axis: int | tuple[int, int] | None = None
     symmetric: bool = True
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,12 +39,15 @@ class QParams:
         return (self.fmt.qmin - self.offset) * self.scale, (self.fmt.qmax - self.offset) * self.scale
 
 
-def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Shape a per-channel parameter so it broadcasts along ``axis`` of ``x``."""
+def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | tuple[int, int] | None) -> torch.Tensor:
+    """Shape a per-channel parameter so it broadcasts along ``axis`` (or two increasing axes) of ``x``."""
     if axis is None or param.numel() == 1:
         return param.reshape(())
     shape = [1] * x.dim()
-    shape[axis] = -1
+    if isinstance(axis, tuple):
+        shape[axis[0]], shape[axis[1]] = param.shape
+    else:
+        shape[axis] = -1
     return param.reshape(shape)
 
 
