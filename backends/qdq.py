@@ -91,7 +91,7 @@ def require_static(entries: Mapping[str, Encoding | list[Encoding]]) -> None:
 
 def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) -> QdqResult:
     """Replace each ``Mark`` of ``model`` (in place): Q/DQ where ``entries`` has its key, nothing otherwise."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}

@@ -40,7 +40,7 @@ class CalibrationDataError(UserError, ValueError):
 
 #: NDTC's defaults as PTQ4DM's shipped script runs it (quant_sample_ddim_in_backward_DNTC.sh): mean 0.4, std 0.4
 NDTC_DEFAULTS = (0.4, 0.4)
-TIMESTEP_SPECS = "all, single, uniform:K, qdiff:K, ndtc[:MEAN,STD] or list:T1,T2,..."
+TIMESTEP_SPECS = "all, single, uniform:K, qdiff:K, ndtc[:MEAN,STD], psnr:K or list:T1,T2,..."
 
 
 def plan_timesteps(spec: str, schedule: list[int], chunks: int) -> list[list[int]]:
@@ -59,6 +59,8 @@ def plan_timesteps(spec: str, schedule: list[int], chunks: int) -> list[list[int
     spec = (spec or "all").strip()
     n = len(schedule)
     kind, _, arg = spec.partition(":")
+    if kind == "psnr":
+        raise ValueError("psnr:K plans from the FP32 trajectory: use importance_plan")
     if kind == "qdiff":
         k = _count(spec, arg, n)
         return [list(range(0, n, max(1, n // k)))] * chunks  # as the reference: qdiff:3 on 20 steps gives 4
@@ -75,6 +77,58 @@ def plan_timesteps(spec: str, schedule: list[int], chunks: int) -> list[list[int
             plan.append([min(max(int(draw), 0), n - 1)])
         return plan
     return [parse_timesteps(spec, schedule)] * chunks
+
+
+def step_importance(latents: list[torch.Tensor], sigmas: list[float], final: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-step weights from the PSNR of the FP32 trajectory (seed 002's timestep importance).
+
+    ``latents[t]`` is the sample before step ``t`` (sample space), ``final`` the loop's result. Each
+    step's denoised estimate ``x0_t = x_t - sigma_t * eps_t`` (``eps_t`` from the Euler update between
+    consecutive samples) is compared with the final latent: ``PSNR_t`` (peak: the final latent's range),
+    ``MSE_t = peak^2 10^(-PSNR_t / 10)``. A step's weight is how much of the remaining error it removes,
+    ``max(MSE_t - MSE_{t+1}, 0)`` (``MSE_n = 0``): the weights share out ``MSE_0``, the steps that decide
+    most of the image weighing most. The seed names PSNR as the measure and gives no formula: this is
+    this project's reading (docs/calibration.md). Returns ``(weights, psnr_db)``.
+    """
+    samples = latents + [final]
+    peak = float(final.max() - final.min()) or 1.0
+    mse, psnr = [], []
+    for t in range(len(latents)):
+        eps = (samples[t + 1] - samples[t]) / (sigmas[t + 1] - sigmas[t])
+        error = float(((samples[t] - sigmas[t] * eps - final).double() ** 2).mean())
+        mse.append(error)
+        psnr.append(float("inf") if error == 0 else 10 * float(np.log10(peak ** 2 / error)))
+    mse.append(0.0)
+    return [max(mse[t] - mse[t + 1], 0.0) for t in range(len(latents))], psnr
+
+
+def importance_plan(weights: list[float], chunks: int, per_chunk: int) -> list[list[int]]:
+    """``chunks * per_chunk`` samples shared out over the steps in proportion to ``weights`` (largest
+    remainder; a step at most once per chunk, its excess going to the others), dealt to the chunks in turn."""
+    n = len(weights)
+    total = min(chunks * per_chunk, chunks * n)
+    counts = [0] * n
+    while sum(counts) < total:
+        open_steps = [t for t in range(n) if counts[t] < chunks]
+        w = {t: weights[t] for t in open_steps}
+        if not any(w.values()):  # every weighted step is full (or nothing was weighted): the rest evenly
+            w = {t: 1.0 for t in open_steps}
+        left, mass = total - sum(counts), sum(w.values())
+        share = {t: left * w[t] / mass for t in open_steps}
+        for t in open_steps:
+            counts[t] += min(int(share[t]), chunks - counts[t])
+        left = total - sum(counts)
+        for t in sorted((t for t in open_steps if w[t] > 0), key=lambda t: (int(share[t]) - share[t], t)):
+            if left and counts[t] < chunks:
+                counts[t] += 1
+                left -= 1
+    plan: list[list[int]] = [[] for _ in range(chunks)]
+    deal = 0
+    for t in range(n):
+        for _ in range(counts[t]):
+            plan[deal % chunks].append(t)
+            deal += 1
+    return [sorted(steps) for steps in plan]
 
 
 def _count(spec: str, arg: str, n: int) -> int:
@@ -106,6 +160,9 @@ def parse_timesteps(spec: str, schedule: list[int]) -> list[int]:
         return plan_timesteps(spec, schedule, 1)[0]
     if kind == "ndtc":
         plan_timesteps(spec, schedule, 0)  # checks MEAN,STD; any step may be drawn
+        return list(range(n))
+    if kind == "psnr":
+        _count(spec, arg, n)
         return list(range(n))
     if kind == "list":
         wanted = [v.strip() for v in arg.split(",") if v.strip()]
@@ -333,6 +390,30 @@ def _discard_damaged_files(directory: Path, manifest: dict) -> None:
         manifest["complete"] = False
 
 
+def _plan_by_importance(pipeline, latent, data: "CalibrationData", request: CaptureRequest, chunks: int,
+                        manifest: dict) -> None:
+    """``psnr:K``: one FP32 generation of the first chunk's prompts gives the step weights; the plan follows."""
+    samples: list[torch.Tensor] = []
+    scheduler_sigmas = [float(s) for s in pipeline.scheduler_sigmas]
+
+    def on_step(step, t, latent_input, conditioning):
+        n = latent_input.shape[0] // 2
+        samples.append(latent_input[:n].double() * (scheduler_sigmas[step] ** 2 + 1) ** 0.5)
+
+    cond = data.conditioning(0)
+    with torch.inference_mode():
+        final = pipeline.denoise(latent, {k: v.to(pipeline.backend.dtype) for k, v in cond.items()},
+                                 cond["text_embeds"].shape[0] // 2, step_callback=on_step).double()
+    weights, psnr = step_importance(samples, scheduler_sigmas, final)
+    per_chunk = _count(request.timesteps_spec, request.timesteps_spec.partition(":")[2], len(samples))
+    manifest["chunk_steps"] = importance_plan(weights, chunks, per_chunk)
+    manifest["importance"] = {"psnr_db": [round(v, 3) for v in psnr], "weights": [w / (sum(weights) or 1) for w in weights],
+                              "from": "the FP32 trajectory of the first chunk of calibration prompts"}
+    manifest["steps"] = sorted({s for steps in manifest["chunk_steps"] for s in steps})
+    schedule = [int(t) for t in pipeline.timesteps]
+    manifest["timesteps"] = [schedule[s] for s in manifest["steps"]]
+
+
 def _write_manifest(directory: Path, manifest: dict) -> None:
     tmp = directory / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -352,11 +433,15 @@ def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str 
 
     schedule = [int(t) for t in pipeline.timesteps]
     chunks = [request.captions[i:i + request.chunk_prompts] for i in range(0, len(request.captions), request.chunk_prompts)]
-    plan = plan_timesteps(request.timesteps_spec, schedule, len(chunks))
+    importance = request.timesteps_spec.strip().startswith("psnr")
+    # psnr:K plans from the FP32 trajectory (below): the spec, with the model, captions and latent, fixes it
+    plan = [list(range(len(schedule)))] * len(chunks) if importance else \
+        plan_timesteps(request.timesteps_spec, schedule, len(chunks))
     steps = sorted({s for chunk_steps in plan for s in chunk_steps})
-    per_chunk = any(chunk_steps != steps for chunk_steps in plan)
+    per_chunk = importance or any(chunk_steps != steps for chunk_steps in plan)
     latent = draw_latent(spec.latent_size)
-    key = cache_key(spec.fingerprint(), request, plan if per_chunk else steps, latent)
+    key = cache_key(spec.fingerprint(), request, request.timesteps_spec if importance else plan if per_chunk else steps,
+                    latent)
     directory = Path(cache_dir) / "calib" / f"{spec.profile}-{key}"
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path = directory / "manifest.json"
@@ -388,6 +473,10 @@ def capture(pipeline, spec, tokenizers, request: CaptureRequest, cache_dir: str 
             _write_manifest(directory, manifest)
     if free_text_encoders is not None:
         free_text_encoders()
+
+    if importance and "importance" not in manifest:
+        _plan_by_importance(pipeline, latent, CalibrationData(directory, manifest), request, len(chunks), manifest)
+        _write_manifest(directory, manifest)
 
     # phase 2: the denoising loop, one chunk of prompts at a time
     data = CalibrationData(directory, manifest)

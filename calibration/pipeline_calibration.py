@@ -76,7 +76,7 @@ def calibrate_components(components, recipe: str | Path | Recipe, *, calibration
         module = getattr(components, name)
         log.info("calibrating %s", name)
         encodings.merge(quantize(module, recipe, forward_loop_for(name, data, components, show_progress),
-                                 component=name, apply=apply))
+                                 component=name, apply=apply, work_dir=Path(data.directory) / "methods"))
     return encodings
 
 
@@ -90,4 +90,4 @@ def describe_data(data: CalibrationData) -> dict[str, Any]:
     return {"captions": m["captions"], "captions_sha256": m["captions_sha256"], "num_prompts": m["num_prompts"],
             "mlperf_calibration_set": data.mlperf_set, "timesteps_spec": m.get("timesteps_spec"),
             "timesteps": m["timesteps"], "chunks_per_timestep": {str(t): c for t, c in sorted(counts.items(), reverse=True)},
-            "cache": str(data.directory)}
+            **({"importance": m["importance"]} if "importance" in m else {}), "cache": str(data.directory)}

@@ -156,8 +156,12 @@ def _run_method(config, target: MethodTarget) -> tuple[MethodResult, dict[str, A
 class _Calibration:
     """One component's calibration: the encodings so far, and what methods changed, applied as they go."""
 
-    def __init__(self, module: torch.nn.Module, recipe: Recipe, component: str, forward_loop: ForwardLoop | None):
+    def __init__(self, module: torch.nn.Module, recipe: Recipe, component: str, forward_loop: ForwardLoop | None,
+                 work_dir=None):
         self.module, self.recipe, self.component, self.forward_loop = module, recipe, component, forward_loop
+        self.work_dir = work_dir
+        #: values of the parameters ``post_weight_ranges`` methods changed, before they did (the FP32 reference)
+        self.fp_weights: dict[str, torch.Tensor] = {}
         self.plans, self.excluded = recipe.plan(module)
         if not self.plans:
             raise RecipeError(f"{recipe.source}: matches no {'/'.join(recipe.types)} module of {component}")
@@ -172,8 +176,13 @@ class _Calibration:
             if method_class(config.kind).phase != phase:
                 continue
             target = MethodTarget(self.module, self.component, self.plans, self.forward_loop, dict(self.entries),
-                                  dict(self.pre_scales))
+                                  dict(self.pre_scales), self.work_dir, dict(self.fp_weights))
             result, record = _run_method(config, target)
+            if phase == "post_weight_ranges":
+                params = dict(self.module.named_parameters())
+                for name in result.weights:
+                    if name not in self.fp_weights and name in params:
+                        self.fp_weights[name] = params[name].detach().clone()
             self._apply(result, phase, f"{self.recipe.source}: {config.kind} on {self.component}")
             if result.runtime and not method_class(config.kind).changes_sampler:
                 raise MethodError(f"{self.recipe.source}: {config.kind} returned runtime settings but does not "
@@ -231,18 +240,19 @@ class _Calibration:
 
 
 def quantize(module: torch.nn.Module, recipe: Recipe | str | dict, forward_loop: ForwardLoop | None = None, *,
-             component: str = "model", apply: bool = True) -> Encodings:
+             component: str = "model", apply: bool = True, work_dir=None) -> Encodings:
     """Calibrate ``module`` with ``recipe`` over ``forward_loop(module)``; return (and by default apply) encodings.
 
     The recipe's methods for ``component`` run in their phases: ``pre_ranges`` ones, then the weight
     encodings (frozen from here on), ``post_weight_ranges`` ones, the activation ranges, ``post_ranges``
     ones. What methods change stays in ``module`` (changed weights, pre-scale hooks): it is the FP32
-    model the encodings describe. With ``apply=True`` it also leaves fake-quantized.
+    model the encodings describe. With ``apply=True`` it also leaves fake-quantized. ``work_dir``: where
+    long methods (block reconstruction) keep resumable state.
     """
     recipe = load_recipe(recipe).for_component(component)
     if "MatMul" in recipe.types:
         add_attention_matmuls(module)
-    calibration = _Calibration(module, recipe, component, forward_loop)
+    calibration = _Calibration(module, recipe, component, forward_loop, work_dir)
     calibration.run_methods("pre_ranges")
     calibration.compute_weight_encodings()
     calibration.run_methods("post_weight_ranges")

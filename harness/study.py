@@ -50,7 +50,8 @@ def register(subparsers) -> None:
                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="testbed", choices=PROFILES)
     parser.add_argument("--model-path", help="SDXL checkpoint directory (profile sdxl)")
-    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated; '{FP32}' is unquantized "
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated built-in names or recipe files "
+                                                                   f"(named by their stem); '{FP32}' is unquantized "
                                                                    f"(default {DEFAULT_RECIPES})")
     parser.add_argument("--backends", default="torch,ort", help="comma-separated (default torch,ort)")
     parser.add_argument("--max-samples", type=int_at_least(2), default=100, help="captions per run (default 100)")
@@ -87,6 +88,9 @@ def check_study_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     from quant.encodings import EncodingsError
 
     recipes, backends = _names(args.recipes, "recipes"), _names(args.backends, "backends")
+    labels = [recipe_label(r) for r in recipes]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--recipes names two recipes of one name: {args.recipes}")
     for recipe in recipes:
         if recipe != FP32:
             try:
@@ -100,10 +104,12 @@ def check_study_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 def run_study(args: argparse.Namespace) -> int:
     import datetime as _dt
 
-    recipes, backends = check_study_inputs(args)
+    specs, backends = check_study_inputs(args)
     output = Path(args.output or f"results/{_dt.datetime.now():%Y%m%d-%H%M%S}-study-{args.profile}")
     _claim(output, args)
-    encodings = {r: _calibrate(args, r, output) for r in recipes if r != FP32}
+    labels = {recipe_label(r): r for r in specs}
+    recipes = list(labels)
+    encodings = {r: _calibrate(args, labels[r], r, output) for r in recipes if r != FP32}
     reference = output / "runs" / f"{FP32}-torch"
     pairs = [(FP32, "torch")] + [(r, b) for r in recipes for b in backends if (r, b) != (FP32, "torch")]
     rows = []
@@ -150,12 +156,17 @@ def _claim(output: Path, args: argparse.Namespace) -> None:
     write_json_atomic(path, settings)
 
 
-def _calibrate(args: argparse.Namespace, recipe: str, output: Path) -> dict[str, Any]:
+def recipe_label(recipe: str) -> str:
+    """A recipe's name in a study (files, run directories, rows): a recipe file's stem, a built-in's name."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml", ".json")) else recipe
+
+
+def _calibrate(args: argparse.Namespace, recipe: str, label: str, output: Path) -> dict[str, Any]:
     """Encodings (+ SQNR report) of ``recipe``, reused when the file exists."""
     from calibration.commands import calibrate_to_file
     from quant.encodings import Encodings
 
-    path = output / "encodings" / f"{recipe}.json"
+    path = output / "encodings" / f"{label}.json"
     if path.is_file() and path.with_suffix(".sqnr.csv").is_file():
         return {"path": str(path), "size": Encodings.load(path).size, "reused": True}
     print(f"study: calibrating {recipe}", file=sys.stderr, flush=True)

@@ -89,6 +89,11 @@ class SDXLPipeline:
     def timesteps(self) -> torch.Tensor:
         return self._scheduler.timesteps
 
+    @property
+    def scheduler_sigmas(self) -> torch.Tensor:
+        """The schedule's sigmas, one per step plus the final 0 (sample space ``x = x0 + sigma * eps``)."""
+        return self._scheduler.sigmas
+
     def negative_conditioning(self) -> dict[str, torch.Tensor]:
         """MLPerf's negative prompt as one CFG row: ``prompt_embeds``, ``text_embeds``, ``time_ids`` (computed once).
 

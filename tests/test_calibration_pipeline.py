@@ -134,3 +134,46 @@ def test_an_ndtc_calibration_captures_each_chunk_at_its_drawn_step(tmp_path):
     for (step,) in plan:
         expected[str(SCHEDULE[step])] = expected.get(str(SCHEDULE[step]), 0) + 1
     assert calibration["timesteps_spec"] == "ndtc:0.05,0.05" and calibration["chunks_per_timestep"] == expected
+
+
+def test_psnr_importance_weights_share_out_the_remaining_error_of_the_fp32_trajectory():
+    """A trajectory built so each step's x0 estimate is ``final + a_t d``: weights a_t^2 - a_{t+1}^2, PSNR exact."""
+    import torch
+
+    from calibration.capture import importance_plan, step_importance
+
+    sigmas = [14.6 * 0.75 ** t for t in range(6)] + [0.0]
+    g = torch.Generator().manual_seed(0)
+    final, d = torch.rand(1, 4, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    a = [1.0, 0.9, 0.5, 0.45, 0.2, 0.0]  # the estimate's distance to the final latent, step by step
+    x = [final + sigmas[0] * torch.randn(1, 4, 8, 8, generator=g)]
+    for t in range(5):  # x_{t+1} = x_t + (sigma_{t+1} - sigma_t) eps_t with eps_t = (x_t - x0_t) / sigma_t
+        x.append(x[t] + (sigmas[t + 1] - sigmas[t]) * (x[t] - (final + a[t] * d)) / sigmas[t])
+    last = x[5] + (sigmas[6] - sigmas[5]) * (x[5] - final) / sigmas[5]  # a_5 = 0: the last estimate is final
+    weights, psnr = step_importance([v.double() for v in x], sigmas, last.double())
+    scale = float((d.double() ** 2).mean())
+    expected = [(a[t] ** 2 - (a[t + 1] if t < 5 else 0.0) ** 2) * scale for t in range(6)]
+    assert np.allclose(weights, expected, rtol=1e-6, atol=1e-12)
+    peak = float(last.max() - last.min())
+    assert psnr[1] == pytest.approx(10 * np.log10(peak ** 2 / (0.81 * scale)), abs=1e-4) and psnr[5] > 100
+    # sample counts follow the weights: 12 samples over 6 steps, at most once per chunk of 4
+    plan = importance_plan(expected, chunks=4, per_chunk=3)
+    counts = [sum(t in steps for steps in plan) for t in range(6)]
+    assert sum(counts) == 12 and all(len(set(steps)) == len(steps) for steps in plan) and counts[5] == 0
+    # shares 2.28, 6.72, 0.57, 1.95, 0.48, 0: step 1 capped at one per chunk, its excess to the others by weight
+    assert counts == [4, 4, 1, 2, 1, 0]
+    assert importance_plan([0.0] * 4, chunks=2, per_chunk=2) == [[0, 2], [1, 3]]  # nothing weighted: even
+
+
+def test_a_psnr_calibration_plans_its_steps_from_the_fp32_trajectory(tmp_path):
+    out = tmp_path / "psnr.json"
+    assert main(["calibrate", "--profile", "tiny", "--recipe", "w8a8", "--num-prompts", "8", "--timesteps",
+                 "psnr:2", "--sqnr-samples", "0", "--cache-dir", str(tmp_path / "cache"), "--output", str(out)]) == 0
+    calibration = json.loads(out.read_text())["calibration"]
+    importance = calibration["importance"]
+    assert calibration["timesteps_spec"] == "psnr:2" and len(importance["weights"]) == 20
+    assert sum(calibration["chunks_per_timestep"].values()) == 4  # 2 chunks x 2 steps
+    heaviest = sorted(range(20), key=lambda t: -importance["weights"][t])[:1]
+    assert str(SCHEDULE[heaviest[0]]) in calibration["chunks_per_timestep"]
+    with pytest.raises(CalibrationDataError, match="K must be"):
+        parse_timesteps("psnr:0", SCHEDULE)

@@ -22,7 +22,7 @@ from .base import PHASES, Method, MethodError, MethodResult, MethodTarget
 _METHOD_MODULES = ("calibration.methods.weight_balance", "calibration.methods.smoothquant",
                    "calibration.methods.bias_correction", "calibration.methods.cross_layer_equalization",
                    "calibration.methods.adaround", "calibration.methods.qncd_smoothing",
-                   "calibration.methods.qncd_correction")
+                   "calibration.methods.qncd_correction", "calibration.methods.block_reconstruction")
 _REGISTRY: dict[str, type[Method]] = {}
 
 

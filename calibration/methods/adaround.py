@@ -120,42 +120,71 @@ class AdaRound(Method):
     def _optimise(self, layer, qp, inputs, targets) -> tuple[torch.Tensor, tuple[float, float]]:
         """The rounded weight of ``layer`` and (round-to-nearest MSE, AdaRound MSE) on the cached data."""
         settings = self.settings
-        weight = layer.weight.detach().float()
-        scale = _broadcast(qp.scale, weight, qp.axis)
-        offset = _broadcast(qp.offset, weight, qp.axis)
-        floor = torch.floor(weight / scale)
-        rest = (weight / scale - floor).clamp(1e-4, 1 - 1e-4)
-        v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)).requires_grad_(True)
-        optimiser = torch.optim.Adam([v], lr=settings.lr)
-
-        def soft(h: torch.Tensor) -> torch.Tensor:
-            q = (floor + h + offset).clamp(qp.fmt.qmin, qp.fmt.qmax)
-            return (q - offset) * scale
-
-        def output(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            if isinstance(layer, torch.nn.Linear):
-                return torch.nn.functional.linear(x, w, layer.bias)
-            return layer._conv_forward(x, w, layer.bias)
+        rounding = SoftRounding(layer.weight, qp)
+        optimiser = torch.optim.Adam([rounding.v], lr=settings.lr)
 
         def mse(w: torch.Tensor) -> float:
             with torch.no_grad():
-                return float(sum(((output(w, x) - y) ** 2).mean() for x, y in zip(inputs, targets)) / len(inputs))
+                return float(sum(((layer_output(layer, w, x) - y) ** 2).mean() for x, y in zip(inputs, targets))
+                             / len(inputs))
 
-        nearest = mse(soft((weight / scale - floor >= 0.5).float()))
-        warm = int(settings.warm_start * settings.iterations)
+        nearest = mse(rounding.nearest())
         for step in range(settings.iterations):
             index = step % len(inputs)
-            h = _rectified_sigmoid(v)
-            loss = ((output(soft(h), inputs[index]) - targets[index]) ** 2).mean()
-            if step >= warm:
-                progress = (step - warm) / max(1, settings.iterations - warm)
-                if settings.schedule == "cosine":
-                    beta = settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (1 + math.cos(math.pi * progress))
-                else:
-                    beta = settings.beta_start + (settings.beta_end - settings.beta_start) * progress
-                loss = loss + settings.reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
+            loss = ((layer_output(layer, rounding.soft(), inputs[index]) - targets[index]) ** 2).mean()
+            beta = annealed_beta(step, settings)
+            if beta is not None:
+                loss = loss + settings.reg * rounding.regulariser(beta)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-        hard = soft((v.detach() >= 0).float())
+        hard = rounding.hard()
         return hard, (nearest, mse(hard))
+
+
+def layer_output(layer: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``layer`` (Linear or Conv2d) applied to ``x`` with ``weight`` in place of its own."""
+    if isinstance(layer, torch.nn.Linear):
+        return torch.nn.functional.linear(x, weight, layer.bias)
+    return layer._conv_forward(x, weight, layer.bias)
+
+
+def annealed_beta(step: int, settings) -> float | None:
+    """The regulariser's exponent at ``step``: None during the warm start, then ``beta_start`` -> ``beta_end``."""
+    warm = int(settings.warm_start * settings.iterations)
+    if step < warm:
+        return None
+    progress = (step - warm) / max(1, settings.iterations - warm)
+    if settings.schedule == "cosine":
+        return settings.beta_end + 0.5 * (settings.beta_start - settings.beta_end) * (1 + math.cos(math.pi * progress))
+    return settings.beta_start + (settings.beta_end - settings.beta_start) * progress
+
+
+class SoftRounding:
+    """One weight's learnable rounding on its frozen grid: ``V``, the soft weight, its regulariser, the hard one."""
+
+    def __init__(self, weight: torch.Tensor, qp):
+        weight = weight.detach().float()
+        self.qp = qp
+        self.scale = _broadcast(qp.scale, weight, qp.axis)
+        self.offset = _broadcast(qp.offset, weight, qp.axis)
+        self.floor = torch.floor(weight / self.scale)
+        self.rest = weight / self.scale - self.floor
+        rest = self.rest.clamp(1e-4, 1 - 1e-4)
+        self.v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)).requires_grad_(True)
+
+    def _weight(self, h: torch.Tensor) -> torch.Tensor:
+        q = (self.floor + h + self.offset).clamp(self.qp.fmt.qmin, self.qp.fmt.qmax)
+        return (q - self.offset) * self.scale
+
+    def soft(self) -> torch.Tensor:
+        return self._weight(_rectified_sigmoid(self.v))
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * _rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
+
+    def nearest(self) -> torch.Tensor:
+        return self._weight((self.rest >= 0.5).float())
+
+    def hard(self) -> torch.Tensor:
+        return self._weight((self.v.detach() >= 0).float())

@@ -18,6 +18,7 @@ encodings into their sections, and a provenance record (settings, seconds, the m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
@@ -49,6 +50,11 @@ class MethodTarget:
     forward_loop: ForwardLoop | None
     entries: Mapping[str, Encoding | list[Encoding]]
     pre_scales: Mapping[str, PreScale]
+    #: where a long method may keep resumable state (the capture's cache directory), or None
+    work_dir: Path | None = None
+    #: parameters as they were before ``post_weight_ranges`` methods changed them (rounding): the FP32
+    #: reference a ``post_ranges`` method reconstructs against
+    fp_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
