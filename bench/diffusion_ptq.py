@@ -5,9 +5,11 @@
 Every method recipe is paired with its baseline: the same recipe with no methods, no shortcut split
 and the same calibration steps (``<recipe>-minmax``), or an existing recipe of the same bits and
 exclusions (``w8a8`` for the modelopt-style ones). Variants isolate parts of a method: shortcut
-splitting alone, layer-wise AdaRound (+ split) against block reconstruction, single-step against
-all-step ranges. One ``harness study`` (torch backend) runs them all on the same captions; this adds
-per pair: Δ UNet SQNR, image PSNR vs FP32 with a 95% bootstrap interval of the mean, Δ caption
+splitting alone, layer-wise AdaRound (+ split) against block reconstruction (at the recipe's 200
+iterations per block, without its learned step sizes, and at 800: AdaRound's total steps), single-step against
+all-step ranges, PSNR-importance steps against all steps. One ``harness study`` (torch backend) runs them all on the same captions; this adds
+per pair: Δ UNet SQNR, image PSNR vs FP32 with a 95% bootstrap interval of the mean and its difference
+from the baseline's paired per caption, Δ caption
 accuracy and Δ testbed-CLIP against the baseline (paired per caption, 95% bootstrap), calibration
 seconds with the iteration counts, and the UNet calls per image (QNCD's correction adds some).
 
@@ -42,9 +44,10 @@ from sdxl.system_info import system_description  # noqa: E402
 
 #: (recipe, its baseline); "minmax" derives ``<recipe>-minmax``
 PAIRS = [("qdiff-w8a8", "minmax"), ("qdiff-w4a8", "minmax"), ("qdiff-w4a8-split", "qdiff-w4a8-minmax"),
-         ("qdiff-w4a8-adaround", "qdiff-w4a8-minmax"), ("ptq4dm-w8a8", "w8a8"), ("w8a8-single", "w8a8"),
-         ("smoothquant-w8a8", "w8a8"), ("sqnr-smooth-w8a8", "w8a8"), ("qncd-w8a8", "minmax"),
-         ("qncd-w4a8", "minmax")]
+         ("qdiff-w4a8-adaround", "qdiff-w4a8-minmax"), ("qdiff-w4a8-brecq-weights", "qdiff-w4a8-minmax"),
+         ("qdiff-w4a8-brecq800", "qdiff-w4a8-minmax"), ("ptq4dm-w8a8", "w8a8"), ("w8a8-single", "w8a8"),
+         ("w8a8-psnr", "w8a8"), ("smoothquant-w8a8", "w8a8"), ("sqnr-smooth-w8a8", "w8a8"),
+         ("qncd-w8a8", "minmax"), ("qncd-w8a8-full", "minmax"), ("qncd-w4a8", "minmax")]
 
 
 def _builtin(name: str) -> dict:
@@ -67,8 +70,17 @@ def derived_recipes() -> dict[str, dict]:
                                   "methods": [{"kind": "adaround", "components": ["unet"], "iterations": 200,
                                                "samples": 8, "schedule": "linear"}],
                                   "description": "qdiff-w4a8 with layer-wise AdaRound (200 iterations) instead of BRECQ"}
+    brecq_w, brecq_a = w4["methods"]
+    out["qdiff-w4a8-brecq-weights"] = {**w4, "name": "qdiff-w4a8-brecq-weights", "methods": [brecq_w],
+                                       "description": "qdiff-w4a8 without its learned activation step sizes"}
+    out["qdiff-w4a8-brecq800"] = {**w4, "name": "qdiff-w4a8-brecq800",
+                                  "methods": [{**brecq_w, "iterations": 800}, brecq_a],
+                                  "description": "qdiff-w4a8 at 800 weight iterations per block: as many "
+                                                 "optimisation steps in all as layer-wise AdaRound's 200 per layer"}
     out["w8a8-single"] = {**_builtin("w8a8"), "name": "w8a8-single", "calibration": {"timesteps": "single"},
                           "description": "w8a8 with ranges from the maximum-noise step only (seed 003)"}
+    out["w8a8-psnr"] = {**_builtin("w8a8"), "name": "w8a8-psnr", "calibration": {"timesteps": "psnr:10"},
+                        "description": "w8a8 with calibration steps by PSNR importance (seed 002), 10 per chunk"}
     return out
 
 
@@ -87,19 +99,34 @@ def _per_caption(run_dir: Path) -> pd.DataFrame | None:
     return pd.read_csv(path).set_index("qsl_idx") if path.is_file() else None
 
 
-def _psnr(run_dir: Path) -> dict | None:
+def _per_image_psnr(run_dir: Path) -> pd.Series | None:
     path = run_dir / "compare" / "per_image.csv"
     if not path.is_file():
         return None
-    values = pd.read_csv(path)["psnr"].replace([np.inf], np.nan).dropna().to_numpy()
-    return paired_interval(values, np.zeros_like(values))
+    return pd.read_csv(path).set_index("qsl_idx")["psnr"].replace([np.inf], np.nan).dropna()
+
+
+def _psnr(run_dir: Path) -> dict | None:
+    values = _per_image_psnr(run_dir)
+    return None if values is None else paired_interval(values.to_numpy(), np.zeros(len(values)))
+
+
+def _psnr_delta(run_dir: Path, baseline_dir: Path) -> dict | None:
+    """PSNR vs FP32 of the recipe minus the baseline's, paired per caption."""
+    a, b = _per_image_psnr(run_dir), _per_image_psnr(baseline_dir)
+    if a is None or b is None:
+        return None
+    common = a.index.intersection(b.index)
+    return paired_interval(a.loc[common].to_numpy(), b.loc[common].to_numpy())
 
 
 def _calibration(encodings_path: str | None) -> dict:
     if not encodings_path or not Path(encodings_path).is_file():
         return {}
     data = json.loads(Path(encodings_path).read_text())
-    methods = [{"kind": m["kind"], "seconds": m.get("seconds"),
+    # a block-reconstruction method resumed from an earlier run reports the seconds its blocks took then
+    methods = [{"kind": m["kind"], "seconds": (m.get("stats") or {}).get("compute_seconds", m.get("seconds")),
+                "resumed_blocks": (m.get("stats") or {}).get("resumed_blocks"),
                 **{k: m["settings"][k] for k in ("iterations",) if k in m.get("settings", {})}} for m in data["methods"]]
     return {"seconds": data["calibration"].get("seconds"), "methods": methods,
             "timesteps": data["calibration"].get("timesteps_spec"), "runtime": data.get("runtime") or {}}
@@ -127,6 +154,7 @@ def pair_table(study: dict) -> list[dict]:
             common = a.index.intersection(b.index)
             delta = {"caption_accuracy": paired_interval(a.loc[common, "correct_all"], b.loc[common, "correct_all"]),
                      "testbed_clip": paired_interval(a.loc[common, "testbed_clip"], b.loc[common, "testbed_clip"])}
+        delta["psnr_db"] = _psnr_delta(Path(mine["run_dir"]), Path(base["run_dir"]))
         out.append({"recipe": recipe, "baseline": baseline,
                     "sqnr_db": (mine.get("sqnr_db") or {}).get("unet"), "baseline_sqnr_db": (base.get("sqnr_db") or {}).get("unet"),
                     "psnr_db": _psnr(Path(mine["run_dir"])), "baseline_psnr_db": _psnr(Path(base["run_dir"])),
@@ -147,6 +175,7 @@ def _ci(d: dict | None, scale: float = 1.0, digits: int = 1, signed: bool = True
 
 def markdown(pairs: list[dict], study: dict, args, noise: dict | None) -> str:
     header = ["recipe", "baseline", "UNet SQNR dB (base)", "PSNR vs FP32 dB [95% CI]", "base PSNR",
+              "Δ PSNR dB [95% CI]",
               "caption acc % (base)", "Δ acc pts [95% CI]", "testbed-CLIP", "Δ CLIP [95% CI]", "calibration",
               "UNet calls/image"]
     cells = []
@@ -158,6 +187,7 @@ def markdown(pairs: list[dict], study: dict, args, noise: dict | None) -> str:
         cells.append([p["recipe"], p["baseline"],
                       f"{p['sqnr_db']:.1f} ({p['baseline_sqnr_db']:.1f})" if p["sqnr_db"] and p["baseline_sqnr_db"] else "-",
                       _ci(p["psnr_db"], signed=False, digits=2), _ci(p["baseline_psnr_db"], signed=False, digits=2),
+                      _ci(p["delta_vs_baseline"].get("psnr_db"), 1, 2),
                       f"{100 * acc:.1f} ({100 * p['baseline_caption_accuracy']:.1f})" if acc is not None else "-",
                       _ci(p["delta_vs_baseline"].get("caption_accuracy"), 100),
                       f"{p['testbed_clip']:.2f}" if p["testbed_clip"] is not None else "-",
@@ -172,8 +202,8 @@ def markdown(pairs: list[dict], study: dict, args, noise: dict | None) -> str:
              "bootstrap of the mean).", "", format_table(header, cells, markdown=True), ""]
     if noise:
         lines += ["## QNCD: mean of (quantized - FP32 noise prediction) between estimates", "",
-                  format_table(["recipe", "correction", "mean |bias| between estimates", "image PSNR vs FP32 dB"],
-                               [[n["recipe"], n["correction"], f"{n['mean_abs_bias']:.3e}", f"{n['psnr_db']:.2f}"]
+                  format_table(["recipe", "correction", "mean abs(bias) between estimates", "mean bias", "image PSNR vs FP32 dB"],
+                               [[n["recipe"], n["correction"], f"{n['mean_abs_bias']:.3e}", f"{n['mean_bias']:+.3e}", f"{n['psnr_db']:.2f}"]
                                 for n in noise["rows"]], markdown=True), ""]
     return "\n".join(lines)
 

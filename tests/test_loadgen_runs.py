@@ -85,7 +85,7 @@ def test_tiny_offline_performance_and_accuracy(tmp_path, capsys):
     (["--recipe", "w8a8", "--encodings", "e.json"], "not both"),
     (["--recipe", "w8a8", "--num-prompts", "0"], "--num-prompts: must be >= 1, got 0"),
     (["--recipe", "nope"], "recipe 'nope' is neither a file nor a built-in recipe"),
-    (["--recipe", "w8a8", "--timesteps", "every"], "use all, single, uniform:K, qdiff:K, ndtc[:MEAN,STD] or list:T1,T2,..."),
+    (["--recipe", "w8a8", "--timesteps", "every"], "use all, single, uniform:K, qdiff:K, ndtc[:MEAN,STD], psnr:K or list:T1,T2,..."),
     (["--recipe", "w8a8", "--profile", "sdxl-random"], "profile sdxl-random needs --calibration-captions"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, capsys, flags, message):

@@ -23,11 +23,13 @@ weights delta) and activation encodings with learned scales.
 Resumable: with a work directory (``calibrate`` gives the capture's), each finished block's result is
 written to ``<work>/<kind>-<key>/<index>.safetensors`` (the key covers the settings and the encodings
 and weights it starts from); a killed run reloads finished blocks instead of optimising them again.
-A progress bar over blocks shows the time left; the stats record seconds per block.
+A progress bar over blocks shows the time left; the stats record seconds per block (a resumed
+block's from when it was computed) and ``compute_seconds``, the method's cost over all its blocks.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -197,13 +199,14 @@ class BrecqWeights(Method):
                                                       _entries_json({k: v for k, v in target.entries.items()
                                                                      if k.endswith(":weight[0]")}),
                                                       _weights_digest(target.module, layers)])
-        rounded = _deepcopy(target.module)  # earlier blocks rounded: where each block's inputs come from
+        rounded = copy.deepcopy(target.module)  # earlier blocks rounded: where each block's inputs come from
         result, per_block = MethodResult(), []
         for index, (block, members) in enumerate(_progress(blocks, self.kind)):
             started = time.perf_counter()
             done = resume.load(index)
             if done is None:
                 weights, stats = self._reconstruct(target, rounded, block, members, index)
+                stats["seconds"] = round(time.perf_counter() - started, 3)
                 resume.save(index, weights, stats)
             else:
                 weights, stats = done
@@ -212,7 +215,7 @@ class BrecqWeights(Method):
                     rounded.get_submodule(name.rpartition(".")[0]).weight.copy_(value)
             for name, value in weights.items():
                 result.weights[name] = value.to(target.module.get_submodule(name.rpartition(".")[0]).weight.dtype)
-            per_block.append({**stats, "seconds": round(time.perf_counter() - started, 3), "resumed": done is not None})
+            per_block.append({**stats, "resumed": done is not None})
         result.stats = _summary(per_block, settings)
         return result
 
@@ -285,9 +288,9 @@ class BrecqActivations(Method):
                                                       _weights_digest(target.module, [
                                                           k.partition(":")[0] for k in target.entries
                                                           if k.endswith(":weight[0]")])])
-        quantized = _deepcopy(target.module)
+        quantized = copy.deepcopy(target.module)
         apply_encodings(quantized, {k: v for k, v in target.entries.items() if k.endswith(":weight[0]")})
-        reference = _deepcopy(target.module)  # the FP32 model: weights as before post_weight_ranges rounded them
+        reference = copy.deepcopy(target.module)  # the FP32 model: weights as before post_weight_ranges rounded them
         if target.fp_weights:
             set_parameters(reference, target.fp_weights, self.kind)
         quantizers = {key: _StepSize(enc) for key, enc in acts.items()}
@@ -300,13 +303,13 @@ class BrecqActivations(Method):
                 done = resume.load(index)
                 if done is None:
                     stats = self._reconstruct(target, quantized, reference, block, mine, index)
+                    stats["seconds"] = round(time.perf_counter() - started, 3)
                     resume.save(index, {k: q.scale.detach() for k, q in mine.items()}, stats)
                 else:
                     tensors, stats = done
                     for key, scale in tensors.items():
                         mine[key].scale.data.copy_(scale)
-                per_block.append({**stats, "seconds": round(time.perf_counter() - started, 3),
-                                  "resumed": done is not None})
+                per_block.append({**stats, "resumed": done is not None})
         finally:
             for handle in handles:
                 handle.remove()
@@ -361,7 +364,7 @@ class _StepSize(torch.nn.Module):
         qp = enc.qparams()
         self.fmt, self.axis = qp.fmt, qp.axis
         self.scale = torch.nn.Parameter(torch.tensor(enc.scale, dtype=torch.float32), requires_grad=False)
-        self.offset_full = qp.offset
+        self.offset = qp.offset
         if enc.channel_groups:  # per-tensor per group: channel c of group g reads scale[g] (Encoding.qparams)
             widths = torch.tensor([hi - lo for lo, hi in enc.channel_groups])
             self.index = torch.arange(len(enc.channel_groups)).repeat_interleave(widths)
@@ -371,7 +374,7 @@ class _StepSize(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.scale if self.index is None else self.scale[self.index]
         scale = _broadcast(scale, x, self.axis)
-        offset = _broadcast(self.offset_full, x, self.axis)
+        offset = _broadcast(self.offset, x, self.axis)
         y = x.float() / scale
         y = y + (torch.round(y) - y).detach()  # straight-through round
         q = (y + offset).clamp(self.fmt.qmin, self.fmt.qmax)
@@ -415,16 +418,12 @@ class _weights_as:
             del layer.forward
 
 
-def _deepcopy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
-
-
 def _summary(per_block: list[dict[str, Any]], settings) -> dict[str, Any]:
-    computed = [b["seconds"] for b in per_block if not b.get("resumed")]
+    """What the method reports; ``seconds`` of a resumed block are those it took when it was computed."""
+    seconds = [b.get("seconds", 0.0) for b in per_block]
     return {"blocks": len(per_block), "iterations": settings.iterations, "samples": settings.samples,
-            "seconds_per_block": round(sum(computed) / len(computed), 3) if computed else None,
+            "seconds_per_block": round(sum(seconds) / len(seconds), 3) if seconds else None,
+            "compute_seconds": round(sum(seconds), 1),
             "resumed_blocks": sum(1 for b in per_block if b.get("resumed")),
             "per_block": [{k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v) for k, v in b.items()}
                           for b in per_block]}
