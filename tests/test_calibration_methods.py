@@ -327,6 +327,55 @@ def test_smoothquant_beats_min_max_on_an_outlier_channel_and_selects_by_input_sq
     assert top == pytest.approx(smoothed, abs=3.0)  # smoothing the one bad input is what matters
 
 
+def test_smoothquant_folds_into_a_transformer_blocks_layernorms_and_stays_exact():
+    block, reference = _transformer_block(), _transformer_block()
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(2, 10, 32, generator=g) * torch.tensor([20.0] + [1.0] * 31), torch.randn(2, 7, 24, generator=g))
+            for _ in range(2)]
+
+    def loop(model):
+        for x, context in data:
+            model(x, encoder_hidden_states=context)
+
+    recipe = {**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 0.5}]}
+    encodings = quantize(block, recipe, loop, component="unet", apply=False)
+    stats = encodings.methods[0]["stats"]
+    assert stats["folded_into"] == {"norm1": ["attn1.to_k", "attn1.to_q", "attn1.to_v"], "norm2": ["attn2.to_q"],
+                                    "norm3": ["ff.net.0.proj"]} and not stats["fold_refused"]
+    pre = encodings.pre_scales.get("unet", {})
+    assert "attn1.to_q:input[0]" not in pre and "attn2.to_k:input[0]" in pre  # reads the text states: a Mul
+    assert {"unet.norm1.weight", "unet.norm1.bias"} <= set(encodings.delta)
+    x, context = data[1]
+    with torch.no_grad():
+        assert torch.allclose(block(x, encoder_hidden_states=context), reference(x, encoder_hidden_states=context),
+                              rtol=1e-4, atol=1e-4)
+    unfolded = quantize(_transformer_block(), {**recipe, "methods": [{"kind": "smoothquant", "alpha": 0.5,
+                                                                       "fold": False}]}, loop, component="unet")
+    assert "attn1.to_q:input[0]" in unfolded.pre_scales["unet"] and not unfolded.methods[0]["stats"]["folded_into"]
+
+
+class _NormAlsoAdded(torch.nn.Module):
+    """A LayerNorm whose output feeds a Linear *and* a residual add: folding 1/s into it would not be exact."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.norm, self.fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.fc(h) + h
+
+
+def test_smoothquant_refuses_a_fold_the_fp32_check_finds_inexact():
+    model, reference = _NormAlsoAdded(), _NormAlsoAdded()
+    recipe = {**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 0.5}]}
+    encodings = quantize(model, recipe, _outlier_loop, component="unet", apply=False)
+    assert encodings.methods[0]["stats"]["fold_refused"] and "fc:input[0]" in encodings.pre_scales["unet"]
+    with torch.no_grad():
+        assert torch.allclose(model(OUTLIER_DATA[1]), reference(OUTLIER_DATA[1]), rtol=1e-5, atol=1e-4)
+
+
 def test_smoothquant_settings_are_checked():
     with pytest.raises(RecipeError, match="alpha 1.5 is outside"):
         load_recipe({**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 1.5}]})
