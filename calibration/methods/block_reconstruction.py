@@ -45,6 +45,7 @@ from quant.encodings import Encoding, tensor_key
 from quant.fake_quant import apply_encodings, set_parameters
 from quant.quantizers import _broadcast
 from quant.slots import input_pre_hook
+from sdxl.io import write_json_atomic
 
 from . import register_method
 from .adaround import SoftRounding, annealed_beta, layer_output
@@ -124,7 +125,7 @@ class _Resume:
         tmp = self.directory / f".{index:04d}.safetensors.tmp"
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(self.directory / f"{index:04d}.safetensors")
-        (self.directory / f"{index:04d}.json").write_text(json.dumps(stats) + "\n")  # last: the block is done
+        write_json_atomic(self.directory / f"{index:04d}.json", stats)  # last: the block is done
 
 
 def _weights_digest(module: torch.nn.Module, layers: list[str]) -> str:
@@ -147,6 +148,28 @@ def _blocks_in_order(target: MethodTarget, layers: list[str], samples: int) -> l
     return [(b, blocks[b]) for b in order + missing]
 
 
+@dataclass(frozen=True)
+class BlockSettings:
+    """What both passes share: iterations per block, the cached calls, calls per step, the Lp exponent."""
+
+    iterations: int = 20000
+    #: component calls whose block inputs are cached (each call is a CFG batch)
+    samples: int = 8
+    #: calls per optimisation step (Q-Diffusion's ``cali_batch_size`` draws, here whole calls)
+    batch: int = 1
+    lr: float = 1e-3
+    p: float = 2.0
+    seed: int = 0
+
+
+def _check_block_settings(settings: BlockSettings) -> str | None:
+    if min(settings.iterations, settings.samples, settings.batch) < 1:
+        return "iterations, samples and batch must be >= 1"
+    if settings.lr <= 0 or settings.p <= 0:
+        return "lr and p must be > 0"
+    return None
+
+
 def _progress(blocks, kind: str):
     from sdxl.progress import progress
 
@@ -159,31 +182,22 @@ class BrecqWeights(Method):
     phase = "post_weight_ranges"
 
     @dataclass(frozen=True)
-    class Settings:
-        #: per block (Q-Diffusion's ``cali_iters``: 20,000); a recipe sets fewer to fit a CPU
+    class Settings(BlockSettings):
+        #: per block: Q-Diffusion's ``cali_iters``, 20,000 (a recipe sets fewer to fit a CPU)
         iterations: int = 20000
-        #: component calls whose block inputs are cached (each call is a CFG batch)
-        samples: int = 8
-        #: calls per optimisation step (Q-Diffusion's ``cali_batch_size`` draws, here whole calls)
-        batch: int = 1
         reg: float = 0.01
         beta_start: float = 20.0
         beta_end: float = 2.0
         warm_start: float = 0.2
-        lr: float = 1e-3
-        p: float = 2.0
         schedule: str = "linear"
-        seed: int = 0
 
     @classmethod
     def check_settings(cls, settings) -> str | None:
-        if min(settings.iterations, settings.samples, settings.batch) < 1:
-            return "iterations, samples and batch must be >= 1"
         if settings.schedule not in ("cosine", "linear"):
             return f"schedule {settings.schedule!r} is not cosine or linear"
-        if not 0.0 <= settings.warm_start < 1.0 or settings.p <= 0:
-            return "warm_start must be in [0, 1) and p > 0"
-        return None
+        if not 0.0 <= settings.warm_start < 1.0:
+            return "warm_start must be in [0, 1)"
+        return _check_block_settings(settings)
 
     def run(self, target: MethodTarget) -> MethodResult:
         if target.forward_loop is None:
@@ -255,22 +269,15 @@ class BrecqActivations(Method):
     phase = "post_ranges"
 
     @dataclass(frozen=True)
-    class Settings:
-        #: per block (Q-Diffusion's ``cali_iters_a``: 5,000)
+    class Settings(BlockSettings):
+        #: per block: Q-Diffusion's ``cali_iters_a``, 5,000; its ``cali_lr`` 4e-4 and ``cali_p`` 2.4
         iterations: int = 5000
-        samples: int = 8
-        batch: int = 1
         lr: float = 4e-4
         p: float = 2.4
-        seed: int = 0
 
     @classmethod
     def check_settings(cls, settings) -> str | None:
-        if min(settings.iterations, settings.samples, settings.batch) < 1:
-            return "iterations, samples and batch must be >= 1"
-        if settings.lr <= 0 or settings.p <= 0:
-            return "lr and p must be > 0"
-        return None
+        return _check_block_settings(settings)
 
     def run(self, target: MethodTarget) -> MethodResult:
         if target.forward_loop is None:
