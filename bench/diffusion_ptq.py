@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from calibration.recipes import RECIPE_DIR  # noqa: E402
-from harness.study import paired_interval  # noqa: E402
+from harness.study import paired_interval, per_caption  # noqa: E402
 from sdxl.io import format_table, write_json_atomic  # noqa: E402
 from sdxl.system_info import system_description  # noqa: E402
 
@@ -94,11 +94,6 @@ def run_study(args, out: Path, recipe_files: dict[str, Path]) -> dict:
     return json.loads((out / "study" / "study.json").read_text())
 
 
-def _per_caption(run_dir: Path) -> pd.DataFrame | None:
-    path = run_dir / "accuracy" / "testbed_per_caption.csv"
-    return pd.read_csv(path).set_index("qsl_idx") if path.is_file() else None
-
-
 def _per_image_psnr(run_dir: Path) -> pd.Series | None:
     path = run_dir / "compare" / "per_image.csv"
     if not path.is_file():
@@ -148,7 +143,7 @@ def pair_table(study: dict) -> list[dict]:
         mine, base = rows.get(recipe), rows.get(baseline)
         if mine is None or base is None:
             continue
-        a, b = _per_caption(Path(mine["run_dir"])), _per_caption(Path(base["run_dir"]))
+        a, b = per_caption(Path(mine["run_dir"])), per_caption(Path(base["run_dir"]))
         delta = {}
         if a is not None and b is not None:
             common = a.index.intersection(b.index)

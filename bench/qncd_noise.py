@@ -38,13 +38,9 @@ class _Measured:
         return hook
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
-
-
 def measure(encodings: dict[str, str | None], captions: int) -> dict:
     """For each recipe's encodings (with a QNCD runtime section): bias between estimates and PSNR, on and off."""
+    from accuracy.fidelity import psnr_ssim
     from backends import BackendOptions, create_backend
     from quant.encodings import Encodings
     from sdxl.dataset import read_captions_tsv
@@ -90,5 +86,5 @@ def measure(encodings: dict[str, str | None], captions: int) -> dict:
                          "mean_bias": float(np.mean([measured.bias[s] for s in between])),
                          "mean_abs_bias": float(np.mean([abs(measured.bias[s]) for s in between])),
                          "bias_per_step": measured.bias,
-                         "psnr_db": float(np.mean([_psnr(a, b) for a, b in zip(images, reference)]))})
+                         "psnr_db": float(np.mean([psnr_ssim(a, b)[0] for a, b in zip(images, reference)]))})
     return {"captions": len(prompts), "rows": rows}

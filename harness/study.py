@@ -236,7 +236,8 @@ def paired_interval(values: np.ndarray, reference: np.ndarray, seed: int = 0) ->
     return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "n": int(len(diff))}
 
 
-def _per_caption(run_dir: Path):
+def per_caption(run_dir: Path):
+    """A run's testbed per-caption table indexed by ``qsl_idx``, or None when it has none."""
     import pandas as pd
 
     path = run_dir / "accuracy" / "testbed_per_caption.csv"
@@ -255,7 +256,7 @@ def _images_per_s(tests: list[dict]) -> float | None:
 
 
 def _collect(rows: list[StudyRow], encodings: dict, reference: Path) -> None:
-    ref_table = _per_caption(reference)
+    ref_table = per_caption(reference)
     for row in rows:
         enc = encodings.get(row.recipe, {})
         unet_size = (enc.get("size") or {}).get("unet", {}).get("percent_of_fp16") if row.recipe != FP32 else 200.0
@@ -271,7 +272,7 @@ def _collect(rows: list[StudyRow], encodings: dict, reference: Path) -> None:
         if accuracy.get("caption_accuracy"):
             metrics["caption_accuracy"] = accuracy["caption_accuracy"]["overall"]["all"]
             metrics["caption_accuracy_one_shape"] = accuracy["caption_accuracy"]["one_shape"]["all"]
-        table = _per_caption(row.run_dir)
+        table = per_caption(row.run_dir)
         if table is not None and ref_table is not None and row.run_dir != reference:
             common = table.index.intersection(ref_table.index)
             metrics["delta_vs_fp32"] = {
