@@ -333,9 +333,12 @@ def parse_recipe(data: Any, source: str) -> Recipe:
                     **_scheme({k: data[k] for k in SCHEME_KEYS if k in data}, source))
     for component in components:
         own = recipe.for_component(component)
+        where = source if component not in schemes else f"{source}: components.{component}"
         if not any((own.weights, own.inputs, own.outputs)) and not own.overrides:
-            where = source if component not in schemes else f"{source}: components.{component}"
             raise RecipeError(f"{where}: quantizes nothing (weights, inputs and outputs are all null)")
+        if own.shortcut_split and own.inputs is not None and own.inputs.axis is not None:
+            raise RecipeError(f"{where}: shortcut_split quantizes each concatenated input per tensor (TensorRT has "
+                              "no per-channel activation scales); use inputs axis: null")
     return recipe
 
 

@@ -151,6 +151,9 @@ def test_grouped_entries_round_trip_and_are_checked_against_the_model(tmp_path):
             Encoding.from_json({**data, **change}, "e.json")
     with pytest.raises(RecipeError, match="shortcut_split: expected true or false"):
         load_recipe({**_recipe(True), "shortcut_split": "yes"})
+    per_channel = {**_recipe(True), "inputs": {"dtype": "uint8", "symmetric": False, "axis": 1}}
+    with pytest.raises(RecipeError, match="per tensor .* use inputs axis: null"):
+        load_recipe(per_channel)
 
 
 def _export_toy(toy, entries, path, stream: bool):
