@@ -1,6 +1,6 @@
 """Diffusion PTQ methods on the testbed (issue 17): each recipe against plain min-max at the same bits.
 
-    .venv/bin/python bench/diffusion_ptq.py [--max-samples 100] [--num-prompts 16] [--output DIR]
+    .venv/bin/python bench/diffusion_ptq.py [--max-samples 100] [--num-prompts 16] [--output DIR] [--pairs A,B]
 
 Every method recipe is paired with its baseline: the same recipe with no methods, no shortcut split
 and the same calibration steps (``<recipe>-minmax``), or an existing recipe of the same bits and
@@ -84,8 +84,8 @@ def derived_recipes() -> dict[str, dict]:
     return out
 
 
-def run_study(args, out: Path, recipe_files: dict[str, Path]) -> dict:
-    names = sorted({r for pair in PAIRS for r in pair if r != "minmax"} | {f"{r}-minmax" for r, b in PAIRS if b == "minmax"})
+def run_study(args, out: Path, recipe_files: dict[str, Path], pairs: list[tuple[str, str]]) -> dict:
+    names = sorted({r for pair in pairs for r in pair if r != "minmax"} | {f"{r}-minmax" for r, b in pairs if b == "minmax"})
     specs = ["fp32"] + [str(recipe_files[n]) if n in recipe_files else n for n in names]
     command = [sys.executable, "-m", "harness", "study", "--profile", "testbed", "--recipes", ",".join(specs),
                "--backends", "torch", "--max-samples", str(args.max_samples), "--num-prompts", str(args.num_prompts),
@@ -134,11 +134,11 @@ def _unet_calls_per_image(run_dir: Path, images: int | None) -> float | None:
     return 20 + extra / images if images else None
 
 
-def pair_table(study: dict) -> list[dict]:
+def pair_table(study: dict, pairs: list[tuple[str, str]]) -> list[dict]:
     rows = {r["recipe"]: r for r in study["rows"]}
     encodings = study["encodings"]
     out = []
-    for recipe, baseline in PAIRS:
+    for recipe, baseline in pairs:
         baseline = f"{recipe}-minmax" if baseline == "minmax" else baseline
         mine, base = rows.get(recipe), rows.get(baseline)
         if mine is None or base is None:
@@ -209,27 +209,33 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--noise-captions", type=int, default=8, help="captions for the QNCD noise measurement (0: skip)")
     parser.add_argument("--output", default=f"results/bench/diffusion-ptq-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    parser.add_argument("--pairs", default="", help="comma-separated recipes: only their rows (and baselines) are run")
     args = parser.parse_args()
+    chosen = [name for name in args.pairs.split(",") if name]
+    unknown = sorted(set(chosen) - {recipe for recipe, _ in PAIRS})
+    if unknown:
+        parser.error(f"--pairs: no row {', '.join(unknown)}; rows: {', '.join(r for r, _ in PAIRS)}")
+    pairs = [pair for pair in PAIRS if not chosen or pair[0] in chosen]
     out = Path(args.output)
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     files = {}
     for name, recipe in derived_recipes().items():
         files[name] = out / "recipes" / f"{name}.yaml"
         files[name].write_text(yaml.safe_dump(recipe, sort_keys=False))
-    study = run_study(args, out, files)
-    pairs = pair_table(study)
+    study = run_study(args, out, files, pairs)
+    rows = pair_table(study, pairs)
+    qncd = {r["recipe"]: (study["encodings"].get(r["recipe"]) or {}).get("path")
+            for r in study["rows"] if r["recipe"].startswith("qncd-w") and not r["recipe"].endswith("minmax")}
     noise = None
-    if args.noise_captions:
+    if args.noise_captions and qncd:
         from qncd_noise import measure  # beside this file
 
-        noise = measure({r["recipe"]: (study["encodings"].get(r["recipe"]) or {}).get("path")
-                         for r in study["rows"] if r["recipe"].startswith("qncd-w") and not r["recipe"].endswith("minmax")},
-                        args.noise_captions)
+        noise = measure(qncd, args.noise_captions)
     data = {"bench": "diffusion_ptq", "date": dt.datetime.now().isoformat(timespec="seconds"),
             "system": system_description(), "max_samples": args.max_samples, "num_prompts": args.num_prompts,
-            "pairs": pairs, "qncd_noise": noise, "study": str(out / "study")}
+            "pairs": rows, "qncd_noise": noise, "study": str(out / "study")}
     write_json_atomic(out / "diffusion-ptq.json", data)
-    (out / "diffusion-ptq.md").write_text(markdown(pairs, study, args, noise) + "\n")
+    (out / "diffusion-ptq.md").write_text(markdown(rows, study, args, noise) + "\n")
     print((out / "diffusion-ptq.md").read_text())
     return 0
 

@@ -7,6 +7,7 @@ adds a bias a layer lacks and changes an activation encoding after the ranges.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 
@@ -341,10 +342,12 @@ def test_smoothquant_folds_into_a_transformer_blocks_layernorms_and_stays_exact(
     encodings = quantize(block, recipe, loop, component="unet", apply=False)
     stats = encodings.methods[0]["stats"]
     assert stats["folded_into"] == {"norm1": ["attn1.to_k", "attn1.to_q", "attn1.to_v"], "norm2": ["attn2.to_q"],
-                                    "norm3": ["ff.net.0.proj"]} and not stats["fold_refused"]
-    pre = encodings.pre_scales.get("unet", {})
-    assert "attn1.to_q:input[0]" not in pre and "attn2.to_k:input[0]" in pre  # reads the text states: a Mul
-    assert {"unet.norm1.weight", "unet.norm1.bias"} <= set(encodings.delta)
+                                    "norm3": ["ff.net.0.proj"], "attn1.to_v": ["attn1.to_out.0"],
+                                    "attn2.to_v": ["attn2.to_out.0"], "ff.net.0.proj": ["ff.net.2"]}
+    assert stats["folds_by_kind"] == {"layer_norm": 3, "group_norm": 0, "linear": 3} and not stats["fold_refused"]
+    # only the inputs read from the text states keep an explicit Mul
+    assert set(encodings.pre_scales.get("unet", {})) == {"attn2.to_k:input[0]", "attn2.to_v:input[0]"}
+    assert {"unet.norm1.weight", "unet.norm1.bias", "unet.ff.net.0.proj.bias"} <= set(encodings.delta)
     x, context = data[1]
     with torch.no_grad():
         assert torch.allclose(block(x, encoder_hidden_states=context), reference(x, encoder_hidden_states=context),
@@ -352,6 +355,33 @@ def test_smoothquant_folds_into_a_transformer_blocks_layernorms_and_stays_exact(
     unfolded = quantize(_transformer_block(), {**recipe, "methods": [{"kind": "smoothquant", "alpha": 0.5,
                                                                        "fold": False}]}, loop, component="unet")
     assert "attn1.to_q:input[0]" in unfolded.pre_scales["unet"] and not unfolded.methods[0]["stats"]["folded_into"]
+
+
+def test_smoothquant_folds_a_transformer2d_groupnorm_into_proj_in_through_the_reshape():
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    torch.manual_seed(4)
+    model = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4,
+                               cross_attention_dim=24, use_linear_projection=True).eval()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(6)
+    data = [(torch.randn(2, 16, 4, 4, generator=g) * torch.logspace(-1, 1, 16)[None, :, None, None],
+             torch.randn(2, 7, 24, generator=g)) for _ in range(2)]
+
+    def loop(m):
+        for x, context in data:
+            m(x, encoder_hidden_states=context)
+
+    recipe = {**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 0.5}]}
+    encodings = quantize(model, recipe, loop, component="unet", apply=False)
+    stats = encodings.methods[0]["stats"]
+    assert stats["folded_into"]["norm"] == ["proj_in"] and stats["folds_by_kind"]["group_norm"] == 1
+    assert "proj_in:input[0]" not in encodings.pre_scales["unet"] and {"unet.norm.weight", "unet.norm.bias"} <= \
+        set(encodings.delta)
+    x, context = data[1]
+    with torch.no_grad():
+        want, got = reference(x, encoder_hidden_states=context).sample, model(x, encoder_hidden_states=context).sample
+    assert float((got - want).norm() / want.norm()) <= 1e-5
 
 
 class _NormAlsoAdded(torch.nn.Module):

@@ -6,14 +6,22 @@ For a layer ``y = W x`` and per input channel ``s_j = max|X_j|^alpha / max|W_:,j
 weights' matching columns grow, and per-tensor activation quantization loses less. ``alpha`` is a
 recipe setting (modelopt recommends 0.8 for SDXL, Brevitas 0.9, the paper 0.5 for LLMs).
 
-Where the input is a LayerNorm's output read only by smoothed Linear layers (a transformer block's
-``norm1`` -> ``to_q``/``to_k``/``to_v``, ``norm2`` -> ``attn2.to_q``, ``norm3`` -> ``ff.net.0.proj``),
-``1/s`` is folded into the norm's affine (``gamma / s``, ``beta / s``), as the reference's
-``smooth_ln_fcs`` does, with one ``s`` for the whole group (``max|W_:,j|`` over its layers): no extra op
-at run time. Which layers read a norm's output is found on the data (tensor identity), and the fold is
-kept only if the component's FP32 output is unchanged by it (checked on one calibration call). Every
-other input gets ``1/s`` as an explicit per-channel pre-scale (fake quant hooks it, the ONNX QDQ export
-writes a ``Mul`` before the input's Q/DQ). ``fold: false`` keeps every ``1/s`` explicit, one ``s`` per layer.
+``1/s`` is folded into the op that produces the input wherever that is exact, so that no op is added at
+run time (``fold: true``, :class:`Fold`):
+
+* a LayerNorm's affine (``gamma / s``, ``beta / s``) when the norm's output is read only by smoothed
+  Linear layers (a transformer block's ``norm1`` -> ``to_q``/``to_k``/``to_v``, ``norm2`` -> ``attn2.to_q``,
+  ``norm3`` -> ``ff.net.0.proj``), one ``s`` for the group (``max|W_:,j|`` over its layers), as the
+  reference's ``smooth_ln_fcs`` does; the readers are found on the data (tensor identity);
+* a ``Transformer2DModel``'s GroupNorm affine for ``proj_in`` (a reshape sits between them);
+* a previous Linear's output rows where the op between commutes with a per-channel scale, CLE's pairs:
+  ``to_v`` -> ``to_out.0``, ``v_proj`` -> ``out_proj``, GEGLU's value half -> ``ff.net.2``.
+
+The candidates are kept only if the component's FP32 output is unchanged by them on one calibration call
+(else each kind is checked alone; ``fold_refused`` lists what was not kept). Every other input gets
+``1/s`` as an explicit per-channel pre-scale (fake quant hooks it, the ONNX QDQ export writes a ``Mul``
+before the input's Q/DQ): in SDXL's UNet that is the cross-attention ``to_k``/``to_v`` (reading the text
+states) and convs after GroupNorm -> SiLU. ``fold: false`` keeps every ``1/s`` explicit, one ``s`` per layer.
 
 Which layers (``select``): ``all`` planned Conv/Linear layers, ``linear`` (modelopt's SmoothQuant
 applies to Linear layers), or seed 003's choice of the most quantization-sensitive ones:
@@ -37,6 +45,7 @@ from . import register_method
 from .base import Method, MethodError, MethodResult, MethodTarget, run_data
 
 SELECTIONS = ("all", "linear", "top_k", "sqnr_below")
+FOLD_KINDS = ("layer_norm", "group_norm", "linear")
 
 
 def _channel_axis(layer: torch.nn.Module) -> int:
@@ -48,14 +57,22 @@ def _column_absmax(layer: torch.nn.Module) -> torch.Tensor:
     return weight.abs().movedim(1, 0).reshape(weight.shape[1], -1).amax(dim=1)
 
 
-def _scaled_weight(layer: torch.nn.Module, scale: torch.Tensor) -> torch.Tensor:
-    weight = layer.weight.detach().float()
-    return (weight * scale.reshape([1, -1] + [1] * (weight.dim() - 2))).to(layer.weight.dtype)
+@dataclass(frozen=True)
+class Fold:
+    """``1/s`` of the smoothed ``members`` (one ``s`` for all of them) absorbed by ``source``'s output channels.
+
+    ``kind``: ``layer_norm`` / ``group_norm`` (the norm's affine, ``gamma / s`` and ``beta / s``) or
+    ``linear`` (a previous Linear's leading ``len(s)`` output rows and their bias, ``W[c] / s_c``).
+    """
+
+    source: str
+    members: tuple[str, ...]
+    kind: str
 
 
-def norm_groups(module: torch.nn.Module, layers: list[str], loop, samples: int = 2) -> dict[str, list[str]]:
-    """LayerNorm -> the ``layers`` (all Linear) that read its output, for norms whose every Linear/Conv
-    reader is among ``layers`` and reads nothing else; found by tensor identity on ``samples`` calls."""
+def layer_norm_folds(module: torch.nn.Module, layers: list[str], loop, samples: int = 2) -> list[Fold]:
+    """LayerNorms whose every Linear/Conv reader is among ``layers``, a Linear, and reads nothing else;
+    found by tensor identity on ``samples`` calls (a transformer block's ``norm1`` -> ``to_q/k/v``)."""
     import weakref
 
     live: dict[int, tuple] = {}
@@ -79,51 +96,96 @@ def norm_groups(module: torch.nn.Module, layers: list[str], loop, samples: int =
     handles += [m.register_forward_pre_hook(read(n), with_kwargs=True) for n, m in module.named_modules()
                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     run_data(module, loop, samples, handles)
-    wanted, groups = set(layers), {}
+    wanted, folds = set(layers), []
     for norm in norms:
         members = sorted(n for n, seen in readers.items() if norm in seen)
         if members and all(readers[n] == {norm} and n in wanted and isinstance(module.get_submodule(n), torch.nn.Linear)
                            for n in members):
-            groups[norm] = members
-    return groups
+            folds.append(Fold(norm, tuple(members), "layer_norm"))
+    return folds
 
 
-def _fold_is_exact(module: torch.nn.Module, groups, folds, loop) -> bool:
-    """The component's output on one calibration call with the folds applied equals the FP32 one (rel 1e-4)."""
-    from ..sqnr import output_module
+def structural_folds(module: torch.nn.Module, layers: list[str]) -> list[Fold]:
+    """Folds that a reshape between the two ops hides from tensor identity, found by diffusers' structure.
 
-    outputs: list[torch.Tensor] = []
+    * ``Transformer2DModel``: ``norm`` (GroupNorm) -> permute/reshape -> ``proj_in``; a per-channel scale
+      passes through the reshape, and nothing else reads the norm's output;
+    * CLE's exact pairs (:func:`equalization_pairs`): attention ``to_v`` -> ``to_out.0``, CLIP ``v_proj`` ->
+      ``out_proj``, GEGLU's value half ``ff.net.0.proj[:inner]`` -> ``ff.net.2``: the second layer's ``1/s``
+      goes into the first's output rows.
+    """
+    from .cross_layer_equalization import equalization_pairs
 
-    def keep(m, args, output):
-        value = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
-        outputs.append(value.detach().float().clone())
+    wanted, folds = set(layers), []
+    for name, sub in module.named_modules():
+        prefix = f"{name}." if name else ""
+        norm, proj_in = getattr(sub, "norm", None), getattr(sub, "proj_in", None)
+        if type(sub).__name__ == "Transformer2DModel" and isinstance(norm, torch.nn.GroupNorm) and norm.affine \
+                and f"{prefix}proj_in" in wanted and isinstance(proj_in, (torch.nn.Linear, torch.nn.Conv2d)):
+            folds.append(Fold(f"{prefix}norm", (f"{prefix}proj_in",), "group_norm"))
+    for first, second, channels in equalization_pairs(module):
+        if second in wanted and module.get_submodule(second).in_features == channels:
+            folds.append(Fold(first, (second,), "linear"))
+    return folds
 
-    def one_call():
-        run_data(module, loop, 1, [output_module(module).register_forward_hook(keep)])
 
-    one_call()
-    saved = {}
-    with torch.no_grad():
-        for norm, scale in folds.items():
-            layer = module.get_submodule(norm)
-            saved[norm] = (layer.weight.clone(), layer.bias.clone())
-            layer.weight.div_(scale)
-            layer.bias.div_(scale)
-            for name in groups[norm]:
-                sub = module.get_submodule(name)
-                saved[name] = (sub.weight.clone(),)
-                sub.weight.copy_(_scaled_weight(sub, scale))
-    try:
-        one_call()
-    finally:
+def weight_edits(module: torch.nn.Module, scales: dict[str, torch.Tensor], folds: list[Fold]) -> dict[str, torch.Tensor]:
+    """Parameter -> new value: each smoothed layer's input columns times its ``s``, each fold's source
+    output channels divided by its members' ``s``. A layer can be both (``to_v``: its input smoothed
+    into ``norm1``, its output rows taking ``to_out.0``'s ``1/s``); the factors compose."""
+    edits: dict[str, torch.Tensor] = {}
+
+    def current(name: str) -> torch.Tensor:
+        return edits[name] if name in edits else module.get_parameter(name).detach().float()
+
+    for name, scale in scales.items():
+        weight = current(f"{name}.weight")
+        edits[f"{name}.weight"] = weight * scale.reshape([1, -1] + [1] * (weight.dim() - 2))
+    for fold in folds:
+        scale = scales[fold.members[0]]
+        source = module.get_submodule(fold.source)
+        for leaf in ("weight", "bias"):
+            if getattr(source, leaf, None) is None:
+                continue
+            value = current(f"{fold.source}.{leaf}").clone()
+            value[: scale.numel()] /= scale.reshape([-1] + [1] * (value.dim() - 1))
+            edits[f"{fold.source}.{leaf}"] = value
+    return {name: value.to(module.get_parameter(name).dtype) for name, value in edits.items()}
+
+
+class _FoldCheck:
+    """The component's output on one calibration call, FP32 as given and with candidate edits applied."""
+
+    def __init__(self, module: torch.nn.Module, loop):
+        self.module, self.loop = module, loop
+        self.reference = self._output()
+
+    def _output(self) -> torch.Tensor:
+        from ..sqnr import output_module
+
+        outputs: list[torch.Tensor] = []
+
+        def keep(m, args, output):
+            value = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+            outputs.append(value.detach().float().clone())
+
+        run_data(self.module, self.loop, 1, [output_module(self.module).register_forward_hook(keep)])
+        return outputs[0]
+
+    def exact(self, edits: dict[str, torch.Tensor]) -> bool:
+        """Equal to FP32 within rel 1e-4 with ``edits`` applied (and undone afterwards)."""
+        saved = {name: self.module.get_parameter(name).detach().clone() for name in edits}
         with torch.no_grad():
-            for name, values in saved.items():
-                sub = module.get_submodule(name)
-                sub.weight.copy_(values[0])
-                if len(values) > 1:
-                    sub.bias.copy_(values[1])
-    reference, folded = outputs
-    return bool(torch.linalg.vector_norm(folded - reference) <= 1e-4 * torch.linalg.vector_norm(reference))
+            for name, value in edits.items():
+                self.module.get_parameter(name).copy_(value)
+        try:
+            output = self._output()
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    self.module.get_parameter(name).copy_(value)
+        return bool(torch.linalg.vector_norm(output - self.reference)
+                    <= 1e-4 * torch.linalg.vector_norm(self.reference))
 
 
 class _InputStats:
@@ -155,7 +217,7 @@ class SmoothQuant(Method):
         select: str = "all"
         top_k: int = 10
         sqnr_below_db: float = 30.0
-        #: fold 1/s into a preceding LayerNorm's affine where that is exact (module docstring)
+        #: fold 1/s into the op producing the input where that is exact (module docstring)
         fold: bool = True
 
     @classmethod
@@ -177,31 +239,51 @@ class SmoothQuant(Method):
         errors = self._observe(target, plans, stats)
         chosen = self._select(plans, errors)
         by_name = {p.name: p for p in chosen}
-        groups = norm_groups(target.module, [p.name for p in chosen], target.forward_loop) if self.settings.fold else {}
+        kept, refused = self._exact_folds(target, by_name, stats) if self.settings.fold else ([], [])
+        scales = self._fold_scales(kept, by_name, stats)
         result = MethodResult()
-        folds = {norm: self._scale([by_name[n] for n in members], stats[members[0]]) for norm, members in groups.items()}
-        if folds and not _fold_is_exact(target.module, groups, folds, target.forward_loop):
-            folds = {}
-        folded = {n for norm in folds for n in groups[norm]}
-        for norm, scale in folds.items():
-            layer = target.module.get_submodule(norm)
-            for leaf in ("weight", "bias"):
-                result.weights[f"{norm}.{leaf}"] = (getattr(layer, leaf).detach().float() / scale).to(layer.weight.dtype)
-            for name in groups[norm]:
-                result.weights[f"{name}.weight"] = _scaled_weight(by_name[name].module, scale)
         for plan in chosen:
-            if plan.name in folded:
-                continue
-            scale = self._scale([plan], stats[plan.name])
-            result.weights[f"{plan.name}.weight"] = _scaled_weight(plan.module, scale)
-            result.pre_scales[tensor_key(plan.name, "input")] = PreScale(stats[plan.name].axis,
-                                                                       [float(1.0 / v) for v in scale])
+            if plan.name not in scales:
+                scales[plan.name] = self._scale([plan], stats[plan.name])
+                result.pre_scales[tensor_key(plan.name, "input")] = PreScale(
+                    stats[plan.name].axis, [float(1.0 / v) for v in scales[plan.name]])
+        result.weights = weight_edits(target.module, scales, kept)
         ranking = sorted(errors.items(), key=lambda item: item[1])
         result.stats = {"alpha": self.settings.alpha, "select": self.settings.select, "layers": [p.name for p in chosen],
-                        "folded_into": {norm: groups[norm] for norm in folds},
-                        "fold_refused": bool(groups) and not folds,
+                        "folded_into": {fold.source: list(fold.members) for fold in kept},
+                        "folds_by_kind": {kind: sum(f.kind == kind for f in kept) for kind in FOLD_KINDS},
+                        "fold_refused": sorted(fold.source for fold in refused),
                         "input_sqnr_db_lowest": [[name, round(db, 2)] for name, db in ranking[:10]]}
         return result
+
+    def _exact_folds(self, target: MethodTarget, by_name: dict, stats: dict) -> tuple[list[Fold], list[Fold]]:
+        """(kept, refused) folds: the candidates are checked together on one calibration call; if together they
+        change the FP32 output, each kind is checked alone and only the kinds that are exact are kept."""
+        names = list(by_name)
+        candidates = layer_norm_folds(target.module, names, target.forward_loop) + structural_folds(target.module, names)
+        if not candidates:
+            return [], []
+
+        def exact(folds: list[Fold]) -> bool:
+            return check.exact(weight_edits(target.module, self._fold_scales(folds, by_name, stats), folds))
+
+        check = _FoldCheck(target.module, target.forward_loop)
+        if exact(candidates):
+            return candidates, []
+        kept = []
+        for kind in FOLD_KINDS:
+            group = [f for f in candidates if f.kind == kind]
+            if group and exact(group):
+                kept += group
+        return kept, [f for f in candidates if f not in kept]
+
+    def _fold_scales(self, folds: list[Fold], by_name: dict, stats: dict) -> dict[str, torch.Tensor]:
+        """Each folded layer's ``s``: one per fold, the weight maximum over all of its members."""
+        scales = {}
+        for fold in folds:
+            scale = self._scale([by_name[n] for n in fold.members], stats[fold.members[0]])
+            scales.update({name: scale for name in fold.members})
+        return scales
 
     def _scale(self, plans: list, observed: "_InputStats") -> torch.Tensor:
         """``s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha)``, the weight maximum over every layer reading X."""
