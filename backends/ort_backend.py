@@ -32,6 +32,7 @@ from .torch_backend import TorchBackend
 log = logging.getLogger(__name__)
 EXECUTION_PROVIDERS = ("cpu", "qnn")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+INT8_KERNEL_MODES = ("auto", "on", "off")
 
 
 class OrtBackend(TorchBackend):
@@ -45,7 +46,7 @@ class OrtBackend(TorchBackend):
         import onnxruntime
 
         from .qdq import require_static
-        from .qdq_model import build_unet_model, qdq_model_dir, warn_if_saturating
+        from .qdq_model import build_unet_model, qdq_model_dir
 
         encodings = self.quantization.encodings if self.quantization else None
         entries = encodings.components.get("unet", {}) if encodings else {}
@@ -53,10 +54,12 @@ class OrtBackend(TorchBackend):
         self.model_dir = qdq_model_dir(Path(options.extra.get("cache_dir", "build/cache")), spec, encodings,
                                        f"onnxruntime {onnxruntime.__version__}")
         self.model_path = build_unet_model(self.unet, entries, self.model_dir, encodings, options.show_progress)
-        warn_if_saturating(self.model_dir / "unet.tensor_map.json")
+        self.int8_kernels = int8_kernels(str(options.extra.get("ort_int8_kernels", "auto")),
+                                         self.model_dir / "unet.tensor_map.json")
         self.optimization = str(options.extra.get("ort_optimization", "all"))
-        self.session = create_session(self.model_path, self.ep, _threads(options), self.optimization)
-        self.fusion = _fusion(self.model_dir) if self.optimization == "all" else None  # the report is of "all"
+        fuse = self.int8_kernels["fused"]
+        self.session = create_session(self.model_path, self.ep, _threads(options), self.optimization, qdq_fusion=fuse)
+        self.fusion = _fusion(self.model_path, fuse) if self.optimization == "all" else None  # the report is of "all"
         self.unet = None  # the session holds the weights now; free the PyTorch copy
         self.components.unet = None
 
@@ -70,16 +73,44 @@ class OrtBackend(TorchBackend):
         out = super().describe()
         out.update(ep=self.ep, onnx_model=str(self.model_path), isa=isa_summary(),
                    session_threads=self.session.get_session_options().intra_op_num_threads,
-                   graph_optimization=self.optimization)
+                   graph_optimization=self.optimization, int8_kernels=self.int8_kernels)
         tensor_map = self.model_dir / "unet.tensor_map.json"
         if tensor_map.is_file() and "quantization" in out:  # the UNet's quantizers live in the ONNX graph
             counts = json.loads(tensor_map.read_text())
-            out["quantization"]["quantizers"]["unet"] = counts["activations"] + counts["weights"]
+            out["quantization"]["quantizers"]["unet"] = len(counts["tensor_map"])
+            # Q/DQ pairs in the graph, and the quantizers that reuse one (one quantization per value)
+            out["qdq"] = {k: counts.get(k, 0) for k in ("activations", "weights", "shared", "propagated")}
         if self.fusion:
             out["fusion"] = {k: self.fusion[k] for k in ("fused", "fused_total", "quantize_linear",
                                                          "dequantize_linear") if k in self.fusion}
             out["fusion"]["unfused"] = len(self.fusion.get("unfused", []))
         return out
+
+
+def int8_kernels(mode: str, tensor_map_path: Path) -> dict[str, Any]:
+    """Whether the session fuses Q/DQ groups into ONNX Runtime's integer kernels, and why.
+
+    ``auto`` (default) fuses unless the kernels would not compute the encodings' numbers on this CPU
+    (:func:`~backends.qdq_model.integer_kernels_exact`: u8s8 saturation without VNNI); then the Q/DQ graph
+    runs unfused (DQ -> fp32 op -> Q), exactly as the encodings define it and slower. ``on`` fuses
+    anyway (warning of the saturation), ``off`` never fuses.
+    """
+    import warnings
+
+    from .qdq_model import integer_kernels_exact
+
+    counts = json.loads(tensor_map_path.read_text()) if tensor_map_path.is_file() else {}
+    widest = counts.get("max_abs_int8_weight", 0)
+    exact = integer_kernels_exact(widest, counts.get("activations_8bit", 0))
+    fused = mode == "on" or (mode == "auto" and exact)
+    reason = None
+    if not exact:
+        reason = (f"this CPU ({isa_summary()}) has no VNNI: ONNX Runtime's u8s8 kernels saturate with int8 weights up "
+                  f"to |{widest}| (exact up to |64|; calibrate with `weights: {{reduce_range: true}}` for 7-bit weights)")
+        warnings.warn(f"{reason}; " + ("--ort-int8-kernels on: running them anyway, numbers differ from fake-quant"
+                                       if fused else "running the Q/DQ graph unfused (DQ -> fp32 op -> Q): the "
+                                       "encodings' numbers, slower; --ort-int8-kernels on to fuse anyway"), stacklevel=3)
+    return {"mode": mode, "fused": fused, "exact": exact, "max_abs_int8_weight": widest, "reason": reason}
 
 
 def check_options(dtype: str, device: str, extra: dict[str, Any]) -> None:
@@ -94,6 +125,9 @@ def check_options(dtype: str, device: str, extra: dict[str, Any]) -> None:
     ep = extra.get("ep", "cpu")
     if ep not in EXECUTION_PROVIDERS:
         raise BackendOptionsError(f"--ep {ep}: choose one of {', '.join(EXECUTION_PROVIDERS)}")
+    if extra.get("ort_int8_kernels", "auto") not in INT8_KERNEL_MODES:
+        raise BackendOptionsError(f"--ort-int8-kernels {extra['ort_int8_kernels']}: choose one of "
+                                  f"{', '.join(INT8_KERNEL_MODES)}")
     if extra.get("ort_threads") is not None and extra["ort_threads"] < 1:
         raise BackendOptionsError("--ort-threads must be >= 1")
 
@@ -106,10 +140,14 @@ def add_flags(group) -> None:
                                                        "shared out among --threads workers)")
     group.add_argument("--ort-optimization", choices=OPTIMIZATION_LEVELS,
                        help="graph optimisation level (default all; the fusion report needs all)")
+    group.add_argument("--ort-int8-kernels", choices=INT8_KERNEL_MODES,
+                       help="fuse Q/DQ into ONNX Runtime's integer kernels (default auto: unless they would "
+                            "saturate on this CPU, u8s8 without VNNI; off: DQ -> fp32 op -> Q)")
 
 
 def parse_flags(args) -> dict[str, Any]:
-    extra = {k: getattr(args, k) for k in ("ep", "ort_threads", "ort_optimization") if getattr(args, k) is not None}
+    extra = {k: getattr(args, k) for k in ("ep", "ort_threads", "ort_optimization", "ort_int8_kernels")
+             if getattr(args, k) is not None}
     check_options(args.dtype, args.device, extra)
     return extra
 
@@ -138,7 +176,7 @@ def _qnn_provider(options: Any) -> None:
 
 
 def create_session(model_path: Path, ep: str = "cpu", threads: int = 1, optimization: str = "all",
-                   matmul_nbits_accuracy_level: int = 1):
+                   matmul_nbits_accuracy_level: int = 1, qdq_fusion: bool = True):
     """An inference session; the CPU EP also writes its optimized graph once, for the fusion report.
 
     ``matmul_nbits_accuracy_level``: how the ``MatMulNBits`` that ORT makes of DQ(int8 weight) -> MatMul
@@ -160,18 +198,20 @@ def create_session(model_path: Path, ep: str = "cpu", threads: int = 1, optimiza
     if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(matmul_nbits_accuracy_level))
+    if not qdq_fusion:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     options.graph_optimization_level = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                                         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                                         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-    optimized = Path(model_path).with_name(Path(model_path).stem + ".optimized.onnx")
+    optimized = _report_path(model_path, qdq_fusion, "optimized.onnx")
     if ep == "cpu" and optimization == "all" and not optimized.is_file() and os.path.getsize(model_path) < (1 << 31):
         options.optimized_model_filepath = str(optimized)
     if ep == "qnn":
         _qnn_provider(options)
         return ort.InferenceSession(str(model_path), options)
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    fusion = Path(model_path).with_name(Path(model_path).stem + ".fusion.json")
+    fusion = _report_path(model_path, qdq_fusion, "fusion.json")
     if optimized.is_file() and not fusion.is_file():
         import onnx
 
@@ -182,8 +222,13 @@ def create_session(model_path: Path, ep: str = "cpu", threads: int = 1, optimiza
     return session
 
 
-def _fusion(directory: Path) -> dict[str, Any] | None:
-    path = directory / "unet.fusion.json"
+def _report_path(model_path: Path, qdq_fusion: bool, suffix: str) -> Path:
+    """Beside the model: ``<stem>.<suffix>`` of a fused session, ``<stem>.unfused.<suffix>`` of an unfused one."""
+    return Path(model_path).with_name(f"{Path(model_path).stem}.{'' if qdq_fusion else 'unfused.'}{suffix}")
+
+
+def _fusion(model_path: Path, qdq_fusion: bool) -> dict[str, Any] | None:
+    path = _report_path(model_path, qdq_fusion, "fusion.json")
     return json.loads(path.read_text()) if path.is_file() else None
 
 

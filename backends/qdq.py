@@ -6,6 +6,14 @@ so the integers in the ONNX model are the ones PyTorch simulated. Activations be
 pairs; weights become a quantized initializer feeding ``DQ`` (the form ONNX Runtime's and QNN's QDQ
 fusions look for), with a Linear's ``Transpose`` folded into the initializer so nothing sits between
 ``DQ`` and ``MatMul``.
+
+One quantization per value (AIMET's encoding propagation, for our consumer-input quantizers): where
+several consumers quantize the same tensor with identical encodings (a block's ``to_q``/``to_k``/``to_v``
+reading ``norm1``'s output; every ``attn2.to_k``/``to_v`` reading the text states), one ``Q -> DQ``
+feeds them all; and where a quantizer's input is an already dequantized tensor seen through
+math-invariant ops (:data:`MATH_INVARIANT_OPS`: they move values, never change them) with an identical
+per-tensor encoding, the second pair is dropped -- ``Q(DQ(q)) = q`` on the same grid. Both are exact:
+the graph computes what the fake-quant backend computes with one quantizer per consumer.
 """
 
 from __future__ import annotations
@@ -25,6 +33,10 @@ from .onnx_export import MARK_DOMAIN, MARK_OP
 _ONNX_TYPES = {"int8": "INT8", "uint8": "UINT8", "int16": "INT16", "uint16": "UINT16", "int4": "INT4",
                "uint4": "UINT4", "float8e4m3fn": "FLOAT8E4M3FN", "float8e5m2": "FLOAT8E5M2"}
 _NUMPY_INTS = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
+#: ops whose output elements are copies of input[0]'s (AIMET's ``op_outputs_to_ignore`` / math-invariant ops):
+#: a dequantized tensor stays on its grid through them
+MATH_INVARIANT_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Expand",
+                                "Tile", "Slice", "Gather", "Split"})
 
 
 @dataclass
@@ -35,12 +47,19 @@ class QdqResult:
     activations: int = 0
     weights: int = 0
     removed_marks: int = 0
+    #: activation quantizers that reuse another consumer's Q/DQ of the same tensor (identical encoding)
+    shared: int = 0
+    #: activation quantizers dropped: their input is already on their grid (a DQ seen through math-invariant ops)
+    propagated: int = 0
     #: largest |q| over int8 weights: above 64, u8s8 GEMMs without VNNI (VPMADDUBSW) can saturate
     max_abs_int8_weight: int = 0
+    #: activation Q/DQ pairs on an 8-bit grid: only these feed ORT's u8s8/s8s8 integer kernels
+    activations_8bit: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"activations": self.activations, "weights": self.weights, "removed_marks": self.removed_marks,
-                "max_abs_int8_weight": self.max_abs_int8_weight,
+                "shared": self.shared, "propagated": self.propagated,
+                "max_abs_int8_weight": self.max_abs_int8_weight, "activations_8bit": self.activations_8bit,
                 "tensor_map": dict(sorted(self.tensor_map.items()))}
 
 
@@ -104,6 +123,9 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
     result = QdqResult()
     renames: dict[str, str] = {}
     dropped: set[int] = set()
+    shared_dq: dict[tuple, tuple[str, str]] = {}  # (tensor, encoding) -> (its DQ output, how it is reused)
+    dequantized: dict[str, tuple] = {}  # a per-tensor DQ output -> its encoding
+    passthrough: set[str] = set()  # outputs of marks with no entry (identities)
     new_nodes = []
     for node in graph.node:
         if not (node.domain == MARK_DOMAIN and node.op_type == MARK_OP):
@@ -114,6 +136,7 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
         value = _entry(entries, key)
         if value is None:
             result.removed_marks += 1
+            passthrough.add(target)
             if target in graph_outputs:
                 new_nodes.append(helper.make_node("Identity", [source], [target], name=f"{key}/Identity"))
             else:
@@ -146,6 +169,24 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
                                               name=f"{key}/DequantizeLinear", **attrs))
             result.weights += 1
         else:
+            signature = _signature(enc)
+            earlier = shared_dq.get((source, signature)) or _on_grid(source, signature, dequantized, passthrough, producers)
+            if earlier is not None:
+                if earlier[1] == "shared":
+                    result.shared += 1
+                else:
+                    result.propagated += 1
+                if target in graph_outputs:
+                    new_nodes.append(helper.make_node("Identity", [earlier[0]], [target], name=f"{key}/Identity"))
+                else:
+                    renames[target] = earlier[0]
+                if signature[3] is None:
+                    dequantized[target] = signature
+                result.tensor_map[key] = source
+                continue
+            shared_dq[(source, signature)] = (target, "shared")
+            if signature[3] is None:
+                dequantized[target] = signature
             tensors, names, attrs = _qparams_tensors(enc, key, key)
             graph.initializer.extend(tensors)
             q_name = f"{key}.quantized"
@@ -154,6 +195,7 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
             new_nodes.append(helper.make_node("DequantizeLinear", [q_name] + names, [target],
                                               name=f"{key}/DequantizeLinear", **attrs))
             result.activations += 1
+            result.activations_8bit += enc.dtype in ("int8", "uint8")
         result.tensor_map[key] = source
     new_nodes = [n for n in new_nodes if id(n) not in dropped]
     for node in new_nodes:
@@ -165,6 +207,28 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
     graph.node.extend(_live(new_nodes, {o.name for o in graph.output}))
     _drop_unused_initializers(graph)
     return result
+
+
+def _signature(enc: Encoding) -> tuple:
+    """What makes two encodings the same quantizer: format, scales, zero points, and the axis if per channel."""
+    per_channel = enc.axis is not None and enc.channels > 1
+    return (enc.dtype, tuple(enc.scale), tuple(enc.offset), int(enc.axis) if per_channel else None)
+
+
+def _on_grid(name: str, signature: tuple, dequantized: dict[str, tuple], passthrough: set[str],
+             producers) -> tuple[str, str] | None:
+    """``(name, "propagated")`` when ``name`` is a per-tensor DQ output of ``signature`` seen through
+    math-invariant ops (and unquantized marks) only, so quantizing it again with that encoding changes nothing."""
+    if signature[3] is not None:
+        return None
+    start = name
+    while True:
+        if dequantized.get(name) == signature:
+            return start, "propagated"
+        node = producers.get(name)
+        if node is None or not (node.op_type in MATH_INVARIANT_OPS or name in passthrough):
+            return None
+        name = node.input[0]
 
 
 def _live(nodes: list, outputs: set[str]) -> list:

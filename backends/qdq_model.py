@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from pathlib import Path
 
 import torch
 
-from sdxl.system_info import cpu_flags, isa_summary
+from sdxl.system_info import cpu_flags
 
 #: bumped when the export or QDQ insertion changes, so stale cached models are never reused
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 
 
 def qdq_model_dir(cache_dir: Path, spec, encodings, runtime: str) -> Path:
@@ -96,14 +95,12 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
     return path
 
 
-def warn_if_saturating(tensor_map_path: Path) -> None:
-    """u8s8 GEMMs without VNNI use VPMADDUBSW, whose int16 sums of two products saturate above |w| = 64."""
-    if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} or not tensor_map_path.is_file():
-        return
-    isa = isa_summary()
-    widest = json.loads(tensor_map_path.read_text()).get("max_abs_int8_weight", 0)
-    if widest > 64:
-        warnings.warn(f"this CPU ({isa}) has no VNNI: ONNX Runtime's u8s8 kernels may saturate with int8 weights up "
-                      f"to |{widest}|; calibrate with `weights: {{reduce_range: true}}` (7-bit weights)", stacklevel=3)
+def integer_kernels_exact(max_abs_int8_weight: int, activations_8bit: int) -> bool:
+    """Whether ONNX Runtime's fused 8-bit integer kernels compute what the Q/DQ graph says on this CPU.
 
-
+    Without VNNI (AVX2 only) they multiply u8 activations by s8 weights with ``VPMADDUBSW``, whose int16
+    sums of two products saturate once weights exceed |64|; with VNNI/AMX (32-bit sums), 7-bit weights or
+    no 8-bit activation quantizers (A16: no integer GEMM to fuse) they are exact.
+    """
+    return (bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) or max_abs_int8_weight <= 64
+            or activations_8bit == 0)

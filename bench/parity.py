@@ -117,7 +117,8 @@ def main() -> int:
         row["e2e_psnr_ort_vs_fq_db"] = mean_psnr(ort_images, fq_images)
         row["e2e_psnr_ort_vs_fp32_db"] = mean_psnr(ort_images, fp32_images)
         row["e2e_psnr_fq_vs_fp32_db"] = mean_psnr(fq_images, fp32_images)
-        ort.session = create_session(ort.model_path, threads=torch.get_num_threads(), matmul_nbits_accuracy_level=4)
+        ort.session = create_session(ort.model_path, threads=torch.get_num_threads(), matmul_nbits_accuracy_level=4,
+                                     qdq_fusion=ort.int8_kernels["fused"])
         row["ort_vs_fq_db_ort_default_level"] = sqnr_db(simulated, ort.predict_noise(*args))
         rows[recipe] = row
 

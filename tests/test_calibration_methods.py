@@ -245,6 +245,7 @@ def test_the_onnx_export_runs_pre_scales_and_marks_keyword_inputs(tmp_path):
     from backends.onnx_export import GraphSignature, export_onnx, save_model
     from backends.ort_backend import create_session, run_bound
     from backends.qdq import apply_marks, check_no_marks
+    from backends.qdq_model import integer_kernels_exact
     from quant.fake_quant import pre_scaled
     from quant.quantizers import sqnr_db
 
@@ -263,7 +264,8 @@ def test_the_onnx_export_runs_pre_scales_and_marks_keyword_inputs(tmp_path):
     check_no_marks(model)
     assert result.activations == 2 and result.weights == 2  # fc2's input, passed by keyword, is marked too
     assert sum(node.op_type == "Mul" for node in model.graph.node) == 2
-    session = create_session(save_model(model, tmp_path / "toy.onnx"))
+    session = create_session(save_model(model, tmp_path / "toy.onnx"),
+                             qdq_fusion=integer_kernels_exact(result.max_abs_int8_weight, result.activations_8bit))
     apply_encodings(fresh.unet, entries, "unet", pre_scales=pre_scales)
     with torch.no_grad():
         expected = fresh.unet(DATA[2])

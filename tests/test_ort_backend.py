@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import onnx
 import pytest
@@ -34,6 +35,7 @@ from backends import BackendOptions, create_backend
 from backends.onnx_export import GraphSignature, export_onnx, parameter_bytes, save_model
 from backends.ort_backend import create_session, run_bound
 from backends.qdq import apply_marks, check_no_marks
+from backends.qdq_model import integer_kernels_exact
 from calibration.quantize import quantize
 from calibration.sqnr import one_ulp_nudge
 from harness.cli import main
@@ -84,10 +86,17 @@ def _small_qdq(recipe: str, tmp_path, stream_weights: bool = False):
 def test_qdq_equals_fake_quant_on_a_small_model(tmp_path, recipe, stream_weights):
     x, fp32, simulated, path, result = _small_qdq(recipe, tmp_path, stream_weights)
     outputs = 2 if recipe == "w8a8-qlinear" else 0  # conv1's and conv2's outputs
-    assert result.weights == 4 and result.activations == 4 + outputs
-    out = run_bound(create_session(path), {"x": x}, "y", fp32.shape)
+    assert result.weights == 4 and result.activations + result.propagated == 4 + outputs and result.shared == 0
+    # w8a8-qlinear: fc1's input is conv2's quantized output through Reshape/Transpose, on the same grid
+    assert result.propagated == (1 if outputs else 0), result.to_json()
+    # integer kernels where they compute the Q/DQ graph's numbers on this CPU (not u8s8 without VNNI)
+    exact = integer_kernels_exact(result.max_abs_int8_weight, result.activations_8bit)
+    out = run_bound(create_session(path, qdq_fusion=exact), {"x": x}, "y", fp32.shape)
     parity, fq_err, ort_err = sqnr_db(simulated, out), sqnr_db(fp32, simulated), sqnr_db(fp32, out)
     assert parity >= max(fq_err, ort_err) + 10, f"SQNR ort~fq {parity:.1f} dB, fq~fp32 {fq_err:.1f}, ort~fp32 {ort_err:.1f}"
+    if not exact:
+        assert json.loads(path.with_name("small.unfused.fusion.json").read_text())["fused"] == {}
+        create_session(path)  # what the fused session would run, for the check below
     fused = json.loads(path.with_name("small.fusion.json").read_text())["fused"]
     # a Q after each conv's output is what lets ONNX Runtime run it as an integer QLinearConv
     assert fused.get("QLinearConv", 0) == outputs, fused
@@ -199,8 +208,14 @@ def test_w8a8_qdq_matches_fake_quant(w8a8, tiny_spec, tiny_backend, cache_dir, u
     model = onnx.load(str(ort.model_path))
     ops = [n.op_type for n in model.graph.node]
     weights = sum(k.endswith(":weight[0]") for k in entries)
-    assert ops.count("DequantizeLinear") == len(entries)  # one per weight, one per activation Q/DQ pair
-    assert ops.count("QuantizeLinear") == len(entries) - weights
+    # one DQ per weight, one Q/DQ pair per activation quantizer -- less those that reuse another's: one
+    # quantization of norm1's output for to_q/to_k/to_v, one of the text states for every attn2.to_k/to_v
+    reused = tensor_map["shared"] + tensor_map["propagated"]
+    attn1 = sum(k.endswith("attn1.to_q:input[0]") for k in entries)
+    attn2 = sum(k.endswith("attn2.to_k:input[0]") for k in entries)
+    assert tensor_map["shared"] == 2 * attn1 + 2 * attn2 - 1 and tensor_map["propagated"] == 0, tensor_map
+    assert ops.count("DequantizeLinear") == len(entries) - reused
+    assert ops.count("QuantizeLinear") == len(entries) - weights - reused
     # a Linear's weight: int8 initializer -> DQ (axis 1 after the folded transpose) -> MatMul, nothing between
     key = next(k for k in entries if k.endswith("to_q:weight[0]"))
     dq = next(n for n in model.graph.node if n.name == f"{key}/DequantizeLinear")
@@ -208,7 +223,12 @@ def test_w8a8_qdq_matches_fake_quant(w8a8, tiny_spec, tiny_backend, cache_dir, u
     assert consumer.op_type in ("MatMul", "Gemm")
     # ONNX Runtime's CPU EP fused Q/DQ groups into integer kernels, and the backend reports which: with
     # both operands quantized, every attention's Q·Kᵀ and softmax·V runs as an integer MatMul
-    assert ort.fusion["fused_total"] > 0, ort.fusion
+    fusion = ort.fusion
+    if not ort.int8_kernels["fused"]:  # this CPU's u8s8 kernels would saturate: the backend ran unfused
+        assert fusion["fused_total"] == 0 and "no VNNI" in ort.int8_kernels["reason"], (fusion, ort.int8_kernels)
+        create_session(ort.model_path)  # what a fused session runs, for the checks below
+        fusion = json.loads((ort.model_dir / "unet.fusion.json").read_text())
+    assert fusion["fused_total"] > 0, fusion
     optimized = onnx.load(str(ort.model_dir / "unet.optimized.onnx"), load_external_data=False)
     integer = {n.name for n in optimized.graph.node if n.op_type in ("QLinearMatMul", "MatMulIntegerToFloat")}
     bmm = {k.split(":")[0] for k in entries if ".bmm_" in k}
@@ -249,7 +269,9 @@ def test_ort_under_loadgen_and_compare(w8a8, a16w8, cache_dir, tmp_path, no_weig
     assert test["backend"]["session_threads"] == 1 and test["backend"]["graph_optimization"] == "all"
     (test,) = json.loads((tmp_path / "ort8" / "run.json").read_text())["tests"]
     assert test["scenario"] == "SingleStream" and test["samples"] == 1 and "error" not in test, test
-    assert test["backend"]["fusion"]["fused_total"] > 0, test["backend"]  # A8W8 ran integer kernels
+    kernels = test["backend"]["int8_kernels"]  # A8W8 ran integer kernels, unless they saturate on this CPU
+    assert kernels["mode"] == "auto" and kernels["fused"] == kernels["exact"], kernels
+    assert (test["backend"]["fusion"]["fused_total"] > 0) == kernels["fused"], test["backend"]
     psnr = {}
     for bits in ("16", "8"):
         for reference in (f"fq{bits}", "fp32"):
@@ -284,3 +306,22 @@ def test_reduce_range_keeps_int8_weights_within_seven_bits(tiny_backend, unet_ar
         q = (weight.detach().movedim(0, -1) / torch.tensor(enc.scale)).round()
         assert q.abs().max() <= 64, key
     assert tensor_key("conv_in", "weight") in encodings.components["unet"]
+
+
+def test_int8_kernels_run_unfused_where_they_would_saturate(tmp_path, monkeypatch):
+    """u8s8 kernels without VNNI saturate above |w| = 64: ``auto`` then runs the Q/DQ graph unfused."""
+    import backends.qdq_model as qdq_model
+    from backends.ort_backend import int8_kernels
+
+    tensor_map = tmp_path / "unet.tensor_map.json"
+    cases = [({"avx2"}, 127, 10, "auto", False, False), ({"avx2"}, 127, 10, "on", True, False),
+             ({"avx2"}, 64, 10, "auto", True, True), ({"avx2"}, 127, 0, "auto", True, True),  # 7-bit; A16
+             ({"avx2", "avx512_vnni"}, 127, 10, "auto", True, True), ({"avx2", "avx_vnni"}, 127, 10, "off", False, True)]
+    for flags, widest, act8, mode, fused, exact in cases:
+        monkeypatch.setattr(qdq_model, "cpu_flags", lambda flags=flags: flags)
+        tensor_map.write_text(json.dumps({"max_abs_int8_weight": widest, "activations_8bit": act8}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = int8_kernels(mode, tensor_map)
+        assert (got["fused"], got["exact"]) == (fused, exact), (flags, widest, act8, mode, got)
+        assert bool(caught) == (not exact) and (exact or "no VNNI" in got["reason"]), [str(w.message) for w in caught]
