@@ -5,13 +5,17 @@ weight, a continuous variable ``V`` whose rectified sigmoid ``h(V) = clip(sigmoi
 gamma, 0, 1)`` (zeta 1.1, gamma -0.1) is the rounding: ``W_soft = s (floor(W / s) + h(V) - z)``
 clipped to the grid. Per Conv/Linear in execution order it minimises
 
-    MSE(layer_soft(x_q), y_fp) + reg * sum(1 - |2 h(V) - 1| ** beta)
+    ||layer_soft(x_q) - y_fp||^2 + reg * sum(1 - |2 h(V) - 1| ** beta)
 
 with ``x_q`` the layer's input in the model whose earlier layers are already rounded (weights only,
 as AIMET's default), ``y_fp`` the FP32 model's output of that layer, the regulariser off for the
 first 20% of the iterations, then ``beta`` annealed from 20 to 2 (``schedule``: AIMET's cosine or
 Q-Diffusion's linear), reg 0.01, Adam lr 1e-3, ``V`` initialised so that ``h(V)`` is the fractional
 part (the soft weight starts at the FP32 weight). At the end ``h`` is hardened (``V >= 0`` rounds up).
+The reconstruction term is AIMET's ``AdaroundLoss.compute_recon_loss`` (and BRECQ's ``lp_loss``): the
+squared error summed over dim 1 (a Conv's channels; a 2-D Linear output's features), averaged over the
+rest -- not a plain mean, which would weigh the regulariser ``C_out`` times more than AIMET does
+(``tests/test_aimet_oracle.py`` checks the roundings against ``aimet_torch``'s).
 
 It runs after the weight encodings (``post_weight_ranges``), which stay frozen: the result is weights
 exactly on the recipe's grid, written to the weights delta, so every backend runs them. Integer
@@ -131,7 +135,7 @@ class AdaRound(Method):
         nearest = mse(rounding.nearest())
         for step in range(settings.iterations):
             index = step % len(inputs)
-            loss = ((layer_output(layer, rounding.soft(), inputs[index]) - targets[index]) ** 2).mean()
+            loss = lp_loss(layer_output(layer, rounding.soft(), inputs[index]), targets[index], 2.0)
             beta = annealed_beta(step, settings)
             if beta is not None:
                 loss = loss + settings.reg * rounding.regulariser(beta)
@@ -140,6 +144,13 @@ class AdaRound(Method):
             optimiser.step()
         hard = rounding.hard()
         return hard, (nearest, mse(hard))
+
+
+def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """``|pred - target|^p`` summed over dim 1, averaged over the rest: BRECQ's ``lp_loss`` (AIMET's
+    AdaRound loss at p = 2)."""
+    diff = (pred - target).abs().pow(p)
+    return (diff.sum(1) if diff.dim() > 1 else diff).mean()
 
 
 def layer_output(layer: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -48,18 +48,12 @@ from quant.slots import input_pre_hook
 from sdxl.io import write_json_atomic
 
 from . import register_method
-from .adaround import SoftRounding, annealed_beta, layer_output
+from .adaround import SoftRounding, annealed_beta, layer_output, lp_loss
 from .base import Method, MethodError, MethodResult, MethodTarget, execution_order, run_data
 
 #: module classes reconstructed as one block (diffusers' names), as Q-Diffusion's QuantResBlock /
 #: QuantBasicTransformerBlock
 BLOCK_TYPES = ("ResnetBlock2D", "BasicTransformerBlock")
-
-
-def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
-    """BRECQ's ``lp_loss``: ``|pred - target|^p`` summed over dim 1, averaged over the rest."""
-    diff = (pred - target).abs().pow(p)
-    return (diff.sum(1) if diff.dim() > 1 else diff).mean()
 
 
 def partition(module: torch.nn.Module, layers: list[str]) -> dict[str, list[str]]:
