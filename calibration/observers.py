@@ -1,4 +1,4 @@
-"""Streaming range observers: min-max, EMA min-max, histogram percentile, MSE search, entropy (KL).
+"""Streaming range observers: min-max, EMA min-max, histogram percentile, MSE search, entropy (KL), fixed.
 
 Every observer keeps a fixed-size state per channel (two numbers, or one histogram of ``bins``
 counts), so memory does not grow with the calibration set -- the property that lets full-size SDXL
@@ -353,9 +353,35 @@ class EntropyObserver(HistogramObserver):
         return {"kind": self.kind, "bins": self.bins}
 
 
+class FixedRangeObserver(Observer):
+    """A range set by the recipe, not the data: AIMET's encoding constraint, as Qualcomm's AI Hub pins
+    softmax outputs to ``[0, 0.99609375]`` (``default_per_tensor_config_v69.json``). The data still
+    streams through (so a quantizer that saw none is still an error), but moves nothing."""
+
+    kind = "fixed"
+
+    def __init__(self, axis: int | None = None, min: float | None = None, max: float | None = None):  # noqa: A002
+        super().__init__(axis)
+        if min is None or max is None or not float(min) < float(max):
+            raise ValueError(f"observer 'fixed' needs min < max, got min={min} max={max}")
+        self.lo, self.hi = float(min), float(max)
+        self.channels: int | None = None
+
+    def _update(self, x: torch.Tensor) -> None:
+        self.channels = x.shape[0]
+
+    def compute_range(self, fmt: QFormat, symmetric: bool) -> Range:
+        if self.channels is None:
+            raise RuntimeError("observer saw no data")
+        return torch.full((self.channels,), self.lo), torch.full((self.channels,), self.hi)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "min": self.lo, "max": self.hi}
+
+
 OBSERVERS: dict[str, type[Observer]] = {cls.kind: cls for cls in
                                         (MinMaxObserver, EmaMinMaxObserver, PercentileObserver, MseObserver,
-                                         TfEnhancedObserver, EntropyObserver)}
+                                         TfEnhancedObserver, EntropyObserver, FixedRangeObserver)}
 
 
 class TimestepKeyedObserver(Observer):

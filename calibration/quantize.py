@@ -82,22 +82,23 @@ class ActivationObservers:
         self.grouped: dict[str, tuple[tuple[tuple[int, int], ...], list[Observer]]] = {}
         self._handles = []
         for plan in plans:
-            if plan.inputs is not None:
-                axis = plan.inputs.resolved_axis(plan.module, "inputs")
-                for index in range(getattr(plan.module, "quantized_inputs", 1)):  # MatMul: both operands
-                    key = tensor_key(plan.name, "input", index)
-                    if plan.channel_groups:
-                        if axis is not None:
-                            raise RecipeError(f"{plan.name}: a split input is quantized per tensor in each group "
-                                              "(TensorRT has no per-channel activation scales); use axis: null")
-                        observers = [make_observer(plan.inputs.observer, None) for _ in plan.channel_groups]
-                        self.grouped[key] = (plan.channel_groups, observers)
-                        self.observers[key] = (observers[0], plan.inputs, axis)
-                    else:
-                        observers = [make_observer(plan.inputs.observer, axis)]
-                        self.observers[key] = (observers[0], plan.inputs, axis)
-                    self._handles.append(plan.module.register_forward_pre_hook(
-                        self._pre_hook(observers, index, plan.channel_groups), with_kwargs=True))
+            for index in range(getattr(plan.module, "quantized_inputs", 1)):  # MatMul: both operands
+                spec = plan.input_spec(index)
+                if spec is None:
+                    continue
+                axis = spec.resolved_axis(plan.module, "inputs")
+                key = tensor_key(plan.name, "input", index)
+                if plan.channel_groups:
+                    if axis is not None:
+                        raise RecipeError(f"{plan.name}: a split input is quantized per tensor in each group "
+                                          "(TensorRT has no per-channel activation scales); use axis: null")
+                    observers = [make_observer(spec.observer, None) for _ in plan.channel_groups]
+                    self.grouped[key] = (plan.channel_groups, observers)
+                else:
+                    observers = [make_observer(spec.observer, axis)]
+                self.observers[key] = (observers[0], spec, axis)
+                self._handles.append(plan.module.register_forward_pre_hook(
+                    self._pre_hook(observers, index, plan.channel_groups), with_kwargs=True))
             if plan.outputs is not None:
                 axis = plan.outputs.resolved_axis(plan.module, "outputs")
                 obs = make_observer(plan.outputs.observer, axis)

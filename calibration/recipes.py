@@ -13,7 +13,7 @@ UNet and VAE differently); ``methods``: the calibration methods to run, in order
 softmax·V, both inputs quantized by ``inputs``, see :mod:`quant.attention`); ``weights`` / ``inputs`` / ``outputs``: a quantizer
 ``{dtype, symmetric, axis, observer, reduce_range}`` or ``null`` (off); ``exclude``: module-name patterns kept in
 high precision; ``overrides``: ``[{match: [patterns], weights|inputs|outputs: {...} | null}]`` applied
-in order; ``shortcut_split: true`` quantizes each layer that reads a skip concatenation (the UNet's
+in order (``operand: i`` with ``inputs`` sets input ``i`` alone: ``bmm_pv``'s operand 0 is the softmax output); ``shortcut_split: true`` quantizes each layer that reads a skip concatenation (the UNet's
 up-block ``conv_shortcut``) per concatenated tensor, input and weight (Q-Diffusion's split,
 :mod:`quant.shortcut_split`); ``calibration``: defaults for the capture (``timesteps``, ``num_prompts``).
 
@@ -103,6 +103,12 @@ class LayerPlan:
     outputs: QuantizerSpec | None
     #: input-channel ranges quantized apart (shortcut splitting); empty: the tensors are quantized whole
     channel_groups: tuple[tuple[int, int], ...] = ()
+    #: ``(operand, spec)`` for inputs an override set apart (a MatMul's softmax operand); others take ``inputs``
+    operand_inputs: tuple[tuple[int, QuantizerSpec | None], ...] = ()
+
+    def input_spec(self, index: int) -> QuantizerSpec | None:
+        """The quantizer of input ``index``."""
+        return dict(self.operand_inputs).get(index, self.inputs)
 
 
 @dataclass(frozen=True)
@@ -170,16 +176,25 @@ class Recipe:
                 excluded.append(name)
                 continue
             slots = {slot: getattr(self, slot) for slot in SLOTS}
+            operands: dict[int, QuantizerSpec | None] = {}
             for override in self.overrides:
-                if any(name_matches(name, p) for p in override["match"]):
-                    for slot in SLOTS:
-                        if slot in override:
-                            slots[slot] = override[slot]
-            if not any(slots.values()):
+                if not any(name_matches(name, p) for p in override["match"]):
+                    continue
+                if "operand" in override:
+                    if override["operand"] >= getattr(sub, "quantized_inputs", 1):
+                        raise RecipeError(f"{self.name}: overrides: operand {override['operand']} of {name}: it has "
+                                          f"{getattr(sub, 'quantized_inputs', 1)} quantized input(s)")
+                    operands[override["operand"]] = override["inputs"]
+                    continue
+                for slot in SLOTS:
+                    if slot in override:
+                        slots[slot] = override[slot]
+            if not any(slots.values()) and not any(operands.values()):
                 excluded.append(name)
                 continue
             groups = ((0, boundaries[name]), (boundaries[name], sub.in_channels)) if name in boundaries else ()
-            plans.append(LayerPlan(name, sub, slots["weights"], slots["inputs"], slots["outputs"], groups))
+            plans.append(LayerPlan(name, sub, slots["weights"], slots["inputs"], slots["outputs"], groups,
+                                   tuple(sorted(operands.items()))))
         return plans, excluded
 
 
@@ -261,11 +276,19 @@ def _scheme(data: dict[str, Any], where: str) -> dict[str, Any]:
             here = f"{where}: overrides[{i}]"
             if not isinstance(override, dict) or not override.get("match"):
                 raise RecipeError(f"{here}: needs a 'match' list of patterns")
-            extra = set(override) - {"match", *SLOTS}
+            extra = set(override) - {"match", "operand", *SLOTS}
             if extra:
                 raise RecipeError(f"{here}: unknown key(s) {', '.join(sorted(extra))}")
             match = override["match"]
             parsed = {"match": [match] if isinstance(match, str) else list(match)}
+            if "operand" in override:
+                operand = override["operand"]
+                if not isinstance(operand, int) or isinstance(operand, bool) or operand < 0:
+                    raise RecipeError(f"{here}: operand: expected an input index (0, 1), got {operand!r}")
+                if set(override) & set(SLOTS) != {"inputs"}:
+                    raise RecipeError(f"{here}: an override with an operand sets that input's quantizer: "
+                                      "'inputs' only")
+                parsed["operand"] = operand
             for slot in SLOTS:
                 if slot in override:
                     parsed[slot] = _quantizer(override[slot], f"{here}.{slot}")

@@ -278,6 +278,52 @@ def test_mha_recipe_quantizes_both_operands_of_both_attention_matmuls(tiny_backe
     assert 10 < sqnr_db(fp32, quantized) < sqnr_db(fp32, call(without_mha)), (sqnr_db(fp32, quantized))
 
 
+def test_aihub_recipe_pins_the_softmax_operand_to_its_fixed_range(tiny_backend):
+    """``aihub-w8a16``: AI Hub's range constraint on softmax outputs, [0, 0.99609375] whatever the data,
+    set on ``bmm_pv``'s operand 0 alone; V beside it and Q·Kᵀ's operands keep their observed ranges."""
+    call = _tiny_unet_call(tiny_backend)
+    unet = copy.deepcopy(tiny_backend.unet)
+    recipe = {**load_recipe("aihub-w8a16").to_json(), "components": ["unet"]}
+    entries = quantize(unet, recipe, lambda m: [call(m, s) for s in (1.0, 0.5)], component="unet",
+                       apply=False).components["unet"]
+    probs = [k for k in entries if k.endswith(".bmm_pv:input[0]")]
+    assert probs
+    for key in probs:
+        e = entries[key]
+        assert (e.dtype, e.offset, e.observer["kind"]) == ("uint16", [0], "fixed")
+        assert e.scale[0] == pytest.approx(0.99609375 / 65535, rel=1e-7) and e.max[0] == pytest.approx(0.99609375)
+        values = entries[key.replace("input[0]", "input[1]")]  # V: observed, not pinned
+        assert values.observer["kind"] == "minmax" and values.min[0] < 0
+    qk = [k for k in entries if ".bmm_qk:input[" in k]
+    assert len(qk) == 2 * len(probs) and all(entries[k].observer["kind"] == "minmax" for k in qk)
+    assert entries["conv_in:weight[0]"].dtype == "int8" and entries["conv_in:weight[0]"].axis is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"match": ["*.bmm_pv"], "operand": 0, "weights": None, "inputs": None}, "'inputs' only"),
+    ({"match": ["*.bmm_pv"], "operand": -1, "inputs": None}, "operand: expected an input index"),
+    ({"match": ["conv_in"], "operand": 1, "inputs": None}, "operand 1 of conv_in: it has 1 quantized input"),
+])
+def test_operand_overrides_are_checked(override, message):
+    model, data = _model_and_data()
+    with pytest.raises(RecipeError, match=message):
+        quantize(model, {**W8A8_ALL, "overrides": [override]}, _loop(data), component="toy", apply=False)
+
+
+def test_fixed_observer_ignores_the_data_and_needs_a_range():
+    from calibration.observers import make_observer
+    from quant.formats import get_format
+
+    obs = make_observer({"kind": "fixed", "min": -0.5, "max": 2.0}, 1)
+    obs.update(torch.randn(2, 3, 4) * 100)
+    lo, hi = obs.compute_range(get_format("uint8"), False)
+    assert lo.tolist() == [-0.5] * 3 and hi.tolist() == [2.0] * 3
+    with pytest.raises(ValueError, match="needs min < max"):
+        make_observer({"kind": "fixed", "min": 1.0}, None)
+    with pytest.raises(RecipeError, match="observer 'fixed' needs min < max"):
+        load_recipe({**load_recipe("w8a8").to_json(), "inputs": {"dtype": "uint8", "observer": {"kind": "fixed"}}})
+
+
 def test_sqnr_report_of_a_component_whose_loop_calls_decode():
     """The VAE's forward loop calls ``vae.decode``: the report hooks its decoder, and a layer ahead of the
     decoder (``post_quant_conv``) still lands in its sample (this used to raise IndexError)."""
