@@ -130,16 +130,19 @@ class ActivationObservers:
         self._handles.clear()
 
     def encodings(self) -> dict[str, Encoding | list[Encoding]]:
-        out = {}
+        out, idle = {}, []
         for key, (obs, spec, axis) in self.observers.items():
             if obs.count == 0:
-                log.warning("%s never ran during calibration; left in high precision", key)
+                idle.append(key)
                 continue
             if key in self.grouped:
                 groups, observers = self.grouped[key]
                 out[key] = _grouped([activation_encoding(o, spec, None) for o in observers], groups, 1)
             else:
                 out[key] = activation_encoding(obs, spec, axis)
+        if idle:  # one line, not one per layer (the VAE's encoder never runs in text-to-image)
+            log.warning("%d quantized input(s) never ran during calibration, left in high precision: %s%s", len(idle),
+                        ", ".join(idle[:3]), f" ... ({len(idle) - 3} more)" if len(idle) > 3 else "")
         return out
 
 

@@ -10,12 +10,15 @@ terms the chain DP of :mod:`.solver` is exact for.
 
 Like every method here it sees a module and a ``forward_loop`` callback, never the pipeline; the
 loop must feed the same data on every call (a capture's is deterministic). Each measurement is
-``samples`` forward passes of the whole module; results are cached in a JSON file after every group,
-so a killed run resumes where it stopped.
+``samples`` forward passes, less what runs before the group: the component's top-level units that
+finish before it return their recorded FP32 outputs (:mod:`.prefix_reuse`; bit-identical, and the
+fraction of multiply-accumulates skipped is recorded). Results are cached in a JSON file after every
+group, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -33,6 +36,7 @@ from quant.sizes import weight_bits
 from sdxl.io import write_json_atomic
 
 from ..sqnr import root_output
+from .prefix_reuse import PrefixReuse
 from .solver import Problem
 
 Entries = Mapping[str, Encoding | list[Encoding]]
@@ -67,6 +71,8 @@ class Sensitivity:
     reference_power: float = 0.0
     seconds: float = 0.0
     forward_passes: int = 0
+    #: share of the measurements' layer MACs skipped by reusing FP32 unit outputs (this invocation)
+    reused_macs_fraction: float = 0.0
 
     def ranking(self, scheme: str) -> list[tuple[str, float]]:
         """Groups by MSE under ``scheme``, most sensitive first."""
@@ -98,7 +104,7 @@ class Sensitivity:
     def to_json(self) -> dict[str, Any]:
         return {"groups": self.groups, "schemes": self.schemes, "layers": self.layers, "unary": self.unary, "pairs": self.pairs,
                 "bits": self.bits, "bitops": self.bitops, "reference_power": self.reference_power, "seconds": self.seconds,
-                "forward_passes": self.forward_passes}
+                "forward_passes": self.forward_passes, "reused_macs_fraction": self.reused_macs_fraction}
 
 
 class OutputRecorder:
@@ -206,13 +212,15 @@ class QuantizedLayers:
 
 def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries], forward_loop: ForwardLoop, *,
                         samples: int = 8, pairs: str = "same", cache: str | Path | None = None,
-                        groups: Mapping[str, list[str]] | None = None, progress=None) -> Sensitivity:
+                        groups: Mapping[str, list[str]] | None = None, progress=None,
+                        reuse_limit_bytes: int = 2 << 30) -> Sensitivity:
     """Measure each group under each scheme alone (and consecutive pairs), against ``module`` in FP32.
 
     ``schemes`` maps a name to the component's entries calibrated by that scheme's recipe (keys
     relative to ``module``); a group is a candidate if any scheme quantizes one of its layers.
     ``groups`` overrides :func:`group_of` (``{group: [layers]}``). ``progress`` wraps an iterable
-    (a bar). ``cache``: JSON file to resume from and write to.
+    (a bar). ``cache``: JSON file to resume from and write to. ``reuse_limit_bytes``: the most memory the
+    recorded FP32 unit outputs may take (0: always run the whole forward).
     """
     if pairs not in PAIR_MODES:
         raise ValueError(f"pairs must be one of {', '.join(PAIR_MODES)}, got {pairs!r}")
@@ -228,8 +236,10 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
     else:
         grouped = {g: list(ls) for g, ls in groups.items()}
     recorder = _ExecutionOrder(module, layers)
+    reuse = PrefixReuse(module, reuse_limit_bytes)
     try:
-        reference = run()
+        with reuse.recording():
+            reference = run()
     finally:
         order = recorder.close()
     macs = {layer: m / len(reference) for layer, m in recorder.macs.items()}  # per component call
@@ -252,6 +262,7 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
     def save() -> None:
         state.seconds = before_seconds + time.time() - started
         state.forward_passes = before_passes + run.passes
+        state.reused_macs_fraction = work["skipped"] / work["all"] if work["all"] else 0.0
         if cache_path is not None:
             write_json_atomic(cache_path, {"key": key, **state.to_json()})
 
@@ -274,6 +285,19 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
             state.bitops[group][scheme] = sum(macs.get(layer, 0.0) * weight_width(entries, layer)
                                               * activation_bits(entries, layer) for layer in grouped[group])
 
+    unit_macs = {unit: sum(m for layer, m in macs.items() if reuse.unit_of(layer) == unit) for unit in reuse.order}
+    work = {"all": 0.0, "skipped": 0.0}
+
+    def measure(quantized: list[tuple[Entries, list[str]]]) -> tuple[float, float]:
+        """Output MSE and SQNR with each ``(entries, layers)`` quantized, the units before them replayed."""
+        skipped = reuse.reusable_before([layer for _, ls in quantized for layer in ls])
+        work["all"] += sum(macs.values())
+        work["skipped"] += sum(unit_macs.get(unit, 0.0) for unit in skipped)
+        with reuse.replaying(skipped), contextlib.ExitStack() as stack:
+            for entries, ls in quantized:
+                stack.enter_context(QuantizedLayers(module, entries, ls))
+            return output_error(run(), reference)
+
     iterate = progress or (lambda items, **_: items)
     for index in iterate(range(len(group_names)), desc="sensitivity", total=len(group_names)):
         group = group_names[index]
@@ -281,8 +305,7 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
         for scheme, entries in schemes.items():
             if scheme in measured:
                 continue
-            with QuantizedLayers(module, entries, grouped[group]):
-                mse, sqnr = output_error(run(), reference)
+            mse, sqnr = measure([(entries, grouped[group])])
             measured[scheme] = {"mse": mse, "sqnr_db": sqnr}
         if pairs != "none" and index > 0:
             before = group_names[index - 1]
@@ -291,9 +314,7 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
                 for sb in names:
                     if (pairs == "same" and sa != sb) or f"{sa}|{sb}" in pair:
                         continue
-                    with QuantizedLayers(module, schemes[sa], grouped[before]), \
-                            QuantizedLayers(module, schemes[sb], grouped[group]):
-                        both, _ = output_error(run(), reference)
+                    both, _ = measure([(schemes[sa], grouped[before]), (schemes[sb], grouped[group])])
                     pair[f"{sa}|{sb}"] = both - state.unary[before][sa]["mse"] - measured[sb]["mse"]
         save()
     save()
