@@ -155,17 +155,12 @@ def test_reusing_fp32_outputs_before_the_group_is_exact_and_skips_work(tiny_back
     blocks, ...) replay their FP32 outputs, and every measured number is bit-identical to running them."""
     import copy
 
-    from tiny_encodings import calibrate_tiny_unet, unet_example_args
+    from tiny_encodings import calibrate_tiny_unet, tiny_unet_loop, unet_example_args
 
     args = unet_example_args(tiny_backend)
     entries = calibrate_tiny_unet(tiny_backend, args, "w8a8", tmp_path)[0].components["unet"]
     unet = copy.deepcopy(tiny_backend.unet)
-    sample, timestep, states, text_embeds, time_ids = args
-
-    def loop(module):
-        for scale in (1.0, 0.5):
-            module(sample * scale, timestep, encoder_hidden_states=states,
-                   added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+    loop = tiny_unet_loop(args)
 
     layers = sorted({k.split(":")[0] for k in entries})
     groups = {block: [next(layer for layer in layers if layer.startswith(f"{block}."))]  # one layer per block

@@ -14,15 +14,19 @@ def unet_example_args(tiny_backend) -> tuple:
     return sample, timestep[0], states, text_embeds, time_ids
 
 
-def calibrate_tiny_unet(tiny_backend, unet_args, recipe: str, directory):
-    """Calibrate the tiny UNet with ``recipe`` on two random CFG batches (the algorithm never sees a pipeline)."""
-    unet = copy.deepcopy(tiny_backend.unet)
+def tiny_unet_loop(unet_args):
+    """A forward loop of two CFG batches (``unet_args`` and half its latent), the same data on every call."""
     sample, timestep, states, text_embeds, time_ids = unet_args
 
     def forward_loop(module):
         for scale in (1.0, 0.5):
             module(sample * scale, timestep, encoder_hidden_states=states,
                    added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+    return forward_loop
 
-    encodings = quantize(unet, recipe, forward_loop, component="unet", apply=False)
+
+def calibrate_tiny_unet(tiny_backend, unet_args, recipe: str, directory):
+    """Calibrate the tiny UNet with ``recipe`` on two random CFG batches (the algorithm never sees a pipeline)."""
+    unet = copy.deepcopy(tiny_backend.unet)
+    encodings = quantize(unet, recipe, tiny_unet_loop(unet_args), component="unet", apply=False)
     return encodings, encodings.save(directory / f"{recipe}.json")

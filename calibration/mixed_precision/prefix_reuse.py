@@ -64,7 +64,6 @@ class PrefixReuse:
         self.outputs: dict[str, list[Any]] = {}
         self.bytes = 0
         self.enabled = True
-        self.macs_skipped = 0.0  # filled by the caller's accounting
 
     @contextmanager
     def recording(self) -> Iterator[None]:
