@@ -88,9 +88,10 @@ def calibrate_to_file(profile: str, model_path: str | None, recipe_name: str, ou
             module = getattr(components, name)
             if module is None:
                 continue
+            fp32 = {k.partition(".")[2]: v for k, v in encodings.fp32_values.items() if k.startswith(f"{name}.")}
             reports.append(sqnr_report(module, name, entries, forward_loop_for(name, data, components),
                                        lambda m=module, e=entries, n=name: apply_encodings(m, e, n),
-                                       samples=sqnr_samples, block_level=spec.image_size >= 1024))
+                                       samples=sqnr_samples, block_level=spec.image_size >= 1024, fp32_values=fp32))
     encodings.calibration["seconds"] = round(time.time() - started, 1)
     encodings.size["total"] = total_size({k: v for k, v in encodings.size.items() if k != "total"})
     output.parent.mkdir(parents=True, exist_ok=True)

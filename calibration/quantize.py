@@ -164,7 +164,8 @@ class _Calibration:
                  work_dir=None):
         self.module, self.recipe, self.component, self.forward_loop = module, recipe, component, forward_loop
         self.work_dir = work_dir
-        #: values of the parameters ``post_weight_ranges`` methods changed, before they did (the FP32 reference)
+        #: values of the parameters methods after the weight encodings changed, before they did (the FP32
+        #: reference; ``pre_ranges`` changes are equivalence transforms, so they stay in it); an added bias: zeros
         self.fp_weights: dict[str, torch.Tensor] = {}
         self.plans, self.excluded = recipe.plan(module)
         if not self.plans:
@@ -182,11 +183,12 @@ class _Calibration:
             target = MethodTarget(self.module, self.component, self.plans, self.forward_loop, dict(self.entries),
                                   dict(self.pre_scales), self.work_dir, dict(self.fp_weights))
             result, record = _run_method(config, target)
-            if phase == "post_weight_ranges":
+            if phase != "pre_ranges":
                 params = dict(self.module.named_parameters())
-                for name in result.weights:
-                    if name not in self.fp_weights and name in params:
-                        self.fp_weights[name] = params[name].detach().clone()
+                for name, value in result.weights.items():
+                    if name not in self.fp_weights:
+                        self.fp_weights[name] = (params[name].detach().clone() if name in params
+                                                 else torch.zeros_like(value))
             self._apply(result, phase, f"{self.recipe.source}: {config.kind} on {self.component}")
             if result.runtime and not method_class(config.kind).changes_sampler:
                 raise MethodError(f"{self.recipe.source}: {config.kind} returned runtime settings but does not "
@@ -238,6 +240,7 @@ class _Calibration:
                               excluded={component: self.excluded}, methods=self.records,
                               pre_scales={component: dict(self.pre_scales)} if self.pre_scales else {},
                               delta={f"{component}.{name}": params[name].detach().clone() for name in sorted(self.changed)},
+                              fp32_values={f"{component}.{name}": v for name, v in sorted(self.fp_weights.items())},
                               runtime=dict(self.runtime))
         encodings.size[component] = model_size(self.module, self.entries)
         return encodings

@@ -17,7 +17,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -131,21 +131,48 @@ def _qdq(encoding: Encoding | None, x: torch.Tensor) -> torch.Tensor:
     return x if encoding is None else fake_quantize(x, encoding.qparams())
 
 
-def _quantized_layer(module: torch.nn.Module, quantizers: dict[str, Encoding], x: torch.Tensor) -> torch.Tensor:
-    """The layer's output with its own input/weight/output quantizers, from its FP32 input."""
+def _quantized_layer(module: torch.nn.Module, quantizers: dict[str, Encoding], x: torch.Tensor,
+                     weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The layer's output with its own input/weight/output quantizers and its deployed ``weight``/``bias``,
+    from its FP32 input."""
     xq = _qdq(quantizers.get("input"), x)
-    wq = _qdq(quantizers.get("weight"), module.weight)
+    wq = _qdq(quantizers.get("weight"), weight)
     if isinstance(module, torch.nn.Linear):
-        out = F.linear(xq, wq, module.bias)
+        out = F.linear(xq, wq, bias)
     else:
-        out = module._conv_forward(xq, wq, module.bias)
+        out = module._conv_forward(xq, wq, bias)
     return _qdq(quantizers.get("output"), out)
 
 
+@contextlib.contextmanager
+def _parameters_set(module: torch.nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, ``module``'s parameters named in ``values`` hold those values; restored after."""
+    params = dict(module.named_parameters())
+    kept = {name: params[name].detach().clone() for name in values}
+    try:
+        with torch.no_grad():
+            for name, value in values.items():
+                params[name].copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in kept.items():
+                params[name].copy_(value)
+
+
 def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, apply: Callable[[], None],
-                samples: int = 2, block_level: bool = False) -> SqnrReport:
-    """Measure local SQNR on the FP32 model, call ``apply()`` (quantize it in place), measure accumulated."""
+                samples: int = 2, block_level: bool = False,
+                fp32_values: Mapping[str, torch.Tensor] | None = None) -> SqnrReport:
+    """Measure local SQNR on the FP32 model, call ``apply()`` (quantize it in place), measure accumulated.
+
+    ``module`` holds what is deployed (methods' rounded weights, corrected biases); ``fp32_values``
+    (parameter name -> value, :attr:`Encodings.fp32_values` of this component) are what they replaced:
+    the reference pass runs with them, so both columns include the error of the changed weights.
+    Without them a method's rounding would be part of the reference, and its error invisible.
+    """
     report = SqnrReport(component)
+    fp32_values = dict(fp32_values or {})
+    deployed = {name: p.detach().clone() for name, p in module.named_parameters() if name in fp32_values}
     modules = dict(module.named_modules())
     quantizers = layer_quantizers(module, entries)
     layers = sorted(quantizers)
@@ -170,7 +197,10 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
             if name not in report.local:
                 report.local[name] = _Acc()
                 report.types[name] = type(mod).__name__
-            report.local[name].add(output, _quantized_layer(mod, quantizers[name], call_input(mod, args, kwargs, 0)))
+            weight = deployed.get(f"{name}.weight", mod.weight)
+            bias = deployed.get(f"{name}.bias", mod.bias)
+            report.local[name].add(output, _quantized_layer(mod, quantizers[name], call_input(mod, args, kwargs, 0),
+                                                            weight, bias))
         return hook
 
     def record_hook(name):
@@ -190,7 +220,8 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
     for name in tracked:
         handles.append(modules[name].register_forward_hook(record_hook(name)))
     handles.append(root.register_forward_hook(root_post))
-    _run_hooked(module, handles, forward_loop, samples)
+    with _parameters_set(module, fp32_values):
+        _run_hooked(module, handles, forward_loop, samples)
     apply()
     sample = [0]
     handles = []

@@ -276,6 +276,10 @@ class Encodings:
     delta: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     #: what a method changed in the sampling loop, for the pipeline: ``{"noise_correction": {"kind": "qncd", ...}}``
     runtime: dict[str, Any] = field(default_factory=dict)
+    #: in memory only, never saved: the FP32 values of the parameters in :attr:`delta` that are not an
+    #: equivalence transform (rounded weights, corrected biases; a bias a method added: zeros), the reference
+    #: a report compares the quantized model with. Same keys as :attr:`delta`.
+    fp32_values: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def component(self, name: str) -> dict[str, Encoding | list[Encoding]]:
         return self.components.setdefault(name, {})
@@ -290,6 +294,7 @@ class Encodings:
         self.excluded.update(other.excluded)
         self.methods.extend(other.methods)
         self.delta.update(other.delta)
+        self.fp32_values.update(other.fp32_values)
         self.runtime.update(other.runtime)
         return self
 

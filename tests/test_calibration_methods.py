@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -549,6 +550,38 @@ def test_adaround_beats_round_to_nearest_at_4_bits_and_stays_on_the_grid():
             rounded = encodings.delta["unet.0.weight"]
             assert torch.equal(quantize_tensor(rounded, qp) * qp.scale[:, None], rounded)  # integers x frozen scale
     assert outputs["adaround"] > outputs["nearest"] + 2.5, outputs  # +2.8 dB measured (23.8 -> 26.6)
+
+
+@pytest.mark.parametrize("method", ["adaround", "bias_correction"])
+def test_the_sqnr_report_measures_changed_weights_against_their_fp32_values(method):
+    """A weight-writing method's result is in the module the report gets; its FP32 values (``fp32_values``)
+    are the reference, so the report's output SQNR is the quantized model's against the *original* model
+    (AdaRound's weights are on the grid: against the rounded module itself the noise would be zero)."""
+    from calibration.sqnr import OUTPUT_ROW, sqnr_report
+
+    if method == "adaround":
+        make, data, loop, settings = _ada_model, ADA_DATA, _ada_loop, {"iterations": 50, "samples": 4}
+    else:
+        make, data, loop, settings = Shifted, SHIFT_DATA, _shift_loop, {}
+    recipe = {**W4_ONLY, "methods": [{"kind": method, **settings}]}
+    model, reference = make().eval(), make().eval()
+    encodings = quantize(model, recipe, loop, component="unet", apply=False)
+    assert set(encodings.fp32_values) == set(encodings.delta)
+    deployed = {k: v.clone() for k, v in model.state_dict().items()}
+    entries = encodings.components["unet"]
+    fp32 = {k.partition(".")[2]: v for k, v in encodings.fp32_values.items()}
+    report = sqnr_report(model, "unet", entries, loop, lambda: apply_encodings(model, entries, "unet"), samples=2,
+                         fp32_values=fp32)
+    with torch.no_grad():
+        signal = sum(float(reference(x).double().pow(2).sum()) for x in data[:2])
+        noise = sum(float((reference(x).double() - model(x).double()).pow(2).sum()) for x in data[:2])
+    expected = 10 * math.log10(signal / noise)
+    rows = {r["layer"]: r for r in report.rows()}
+    layer = "0" if method == "adaround" else "fc"
+    assert rows[OUTPUT_ROW]["accumulated_sqnr_db"] == pytest.approx(expected, abs=1e-3)
+    assert rows[layer]["local_sqnr_db"] == pytest.approx(expected, abs=1e-3)  # one layer: local = end to end
+    state = model.state_dict()
+    assert all(torch.equal(deployed[k], state[k]) for k in fp32)  # the deployed values are back
 
 
 def test_adaround_refuses_float_weights():

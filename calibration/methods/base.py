@@ -52,8 +52,8 @@ class MethodTarget:
     pre_scales: Mapping[str, PreScale]
     #: where a long method may keep resumable state (the capture's cache directory), or None
     work_dir: Path | None = None
-    #: parameters as they were before ``post_weight_ranges`` methods changed them (rounding): the FP32
-    #: reference a ``post_ranges`` method reconstructs against
+    #: parameters as they were before methods after the weight encodings changed them (rounding, corrected
+    #: biases; an added bias: zeros): the FP32 reference a ``post_ranges`` method reconstructs against
     fp_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
