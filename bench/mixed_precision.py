@@ -12,7 +12,10 @@ On the trained testbed (quality figures mean nothing on random weights):
 2. ``block-sensitivity`` on ``fp8``: the block x timestep heat map; its hybrid configuration (sensitive
    blocks FP16, the rest ``fp8``) and the DP and greedy configurations at the hybrid's size;
 3. end to end for the headline configurations: ``--images`` validation captions, 20 steps, mean image
-   PSNR vs FP32 and caption accuracy (``testbed/checker.py``).
+   PSNR vs FP32 and caption accuracy (``testbed/checker.py``), each with its paired 95% bootstrap
+   interval against uniform ``fp8`` (per caption).
+
+The model, the capture and the schemes' calibration are prepared once and shared by all three.
 
 Prints the tables and writes JSON (with the CPU and ISA) under ``results/bench/``.
 """
@@ -34,14 +37,9 @@ sys.path.insert(0, str(ROOT))
 OUT_DIR = ROOT / "results" / "bench"
 
 from accuracy.fidelity import psnr_ssim  # noqa: E402
-from harness.cli import main as harness_main  # noqa: E402
+from harness.study import format_interval, paired_interval  # noqa: E402
 from sdxl.io import format_table, write_json_atomic  # noqa: E402
 from sdxl.system_info import isa_summary, system_description  # noqa: E402
-
-
-def _flags(opts, output: Path) -> list[str]:
-    return ["--profile", opts.profile, "--num-prompts", str(opts.num_prompts), "--samples", str(opts.samples),
-            "--output", str(output), "--cache-dir", str(opts.cache_dir)]
 
 
 def main() -> int:
@@ -55,30 +53,34 @@ def main() -> int:
     opts = parser.parse_args()
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     work = Path(opts.output or OUT_DIR / f"mixed-precision-{stamp}")
-    if harness_main(["mixed-precision", *_flags(opts, work)]) != 0:
-        return 1
-    if harness_main(["block-sensitivity", "--recipe", "fp8", "--higher", "fp16", *_flags(opts, work / "blocks")]) != 0:
-        return 1
 
     from calibration.mixed_precision.blocks import top_level_block
-    from calibration.mixed_precision.commands import prepare
+    from calibration.mixed_precision.commands import (
+        ANNA_SCHEMES,
+        block_sensitivity,
+        mixed_precision,
+        prepare,
+    )
     from calibration.mixed_precision.search import (
         Configuration,
         SizeModel,
         configuration_entries,
         measure_configuration,
     )
-    from calibration.mixed_precision.sensitivity import FP16, OutputRecorder, measure_sensitivity
+    from calibration.mixed_precision.sensitivity import FP16, OutputRecorder
     from calibration.mixed_precision.solver import greedy, solve_dp
 
+    common = dict(profile=opts.profile, model_path=None, calibration_captions=None, num_prompts=opts.num_prompts,
+                  timesteps=None, samples=opts.samples, cache_dir=opts.cache_dir)
+    sweep_args = argparse.Namespace(**common, schemes=ANNA_SCHEMES, output=str(work), percents=None, pairs="same",
+                                    constraint="size", baseline=None, target_sqnr=None, random_draws=5)
+    prepared = prepare(sweep_args)  # once: the sweep and the block analysis share the model, capture and schemes
+    spec, unet, schemes, loop, data = prepared.spec, prepared.unet, prepared.schemes, prepared.loop, prepared.data
+    sensitivity, _, _ = mixed_precision(sweep_args, prepared)
+    print((work / "mixed_precision.md").read_text())
+    blocks = block_sensitivity(argparse.Namespace(**common, recipe="fp8", share=0.5, higher="fp16",
+                                                  output=str(work / "blocks")), prepared)
     result = json.loads((work / "mixed_precision.json").read_text())
-    blocks = json.loads((work / "blocks" / "block_sensitivity.json").read_text())
-    args = argparse.Namespace(profile=opts.profile, model_path=None, schemes=",".join(result["schemes"]),
-                              calibration_captions=None, num_prompts=opts.num_prompts, timesteps=None,
-                              samples=opts.samples, output=str(work), cache_dir=opts.cache_dir)
-    spec, unet, schemes, loop, data = prepare(args)
-    sensitivity = measure_sensitivity(unet, schemes, loop, samples=opts.samples, pairs=result["pairs"],
-                                      cache=work / "sensitivity.json")
     sizes = SizeModel(unet, sensitivity)
     problem = sensitivity.problem()
     options = [FP16, *sensitivity.schemes]
@@ -111,9 +113,10 @@ def main() -> int:
     print(f"all-fp8 size {smallest:.2f}% of FP16; {len(sensitivity.groups)} groups; sensitivity "
           f"{sensitivity.forward_passes} UNet calls in {sensitivity.seconds:.0f} s")
     print(format_table(["configuration", "% of FP16", "FP16 groups", "UNet SQNR dB", "image PSNR dB",
-                        "caption accuracy"],
+                        f"Δ PSNR vs {end_to_end['paired_against']} [95% CI]", "caption accuracy", "Δ accuracy pts"],
                        [[f"{r['label']} {r['method']}", f"{r['percent_of_fp16']:.2f}", r["fp16_groups"],
-                         f"{r['measured_sqnr_db']:.2f}", f"{r['psnr_db']:.2f}", f"{r['caption_accuracy']:.3f}"]
+                         f"{r['measured_sqnr_db']:.2f}", f"{r['psnr_db']:.2f}", format_interval(r.get("psnr_vs_uniform"), 1, 2),
+                         "-" if r["caption_accuracy"] is None else f"{r['caption_accuracy']:.3f}", format_interval(r.get("accuracy_vs_uniform"), 100)]
                         for r in end_to_end["rows"]]))
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / f"mixed-precision-{opts.profile}-{stamp}.json"
@@ -125,6 +128,8 @@ def main() -> int:
 
 
 def _end_to_end(opts, spec, unet, schemes, sensitivity, data, configurations) -> dict:
+    """Images of each configuration on ``--images`` validation captions against FP32's; per caption, so that
+    every row's PSNR and caption accuracy carry a paired 95% interval against the first row (uniform ``fp8``)."""
     from backends import BackendOptions, create_backend
     from calibration.mixed_precision.commands import save_configuration
     from calibration.mixed_precision.search import configuration_entries
@@ -132,8 +137,9 @@ def _end_to_end(opts, spec, unet, schemes, sensitivity, data, configurations) ->
     from sdxl.latents import draw_latent
     from sdxl.models import load_tokenizers, profile_default
     from sdxl.pipeline import SDXLPipeline
+    from sdxl.progress import progress
     from sdxl.tokenizers import tokenize
-    from testbed.checker import caption_accuracy
+    from testbed.checker import judge, summarize_verdicts
 
     captions = load_captions(profile_default(opts.profile, "default_captions")).captions[:opts.images]
     tokenizers = load_tokenizers(spec)
@@ -141,28 +147,43 @@ def _end_to_end(opts, spec, unet, schemes, sensitivity, data, configurations) ->
     ids = [tokenize(t, captions) for t in tokenizers]
     scratch = Path(tempfile.mkdtemp(prefix="mp-bench-"))
 
-    def images(encodings: Path | None) -> np.ndarray:
+    def images(encodings: Path | None, label: str) -> np.ndarray:
         backend = create_backend("torch", spec, BackendOptions(show_progress=False,
                                                                encodings=str(encodings) if encodings else None))
         pipeline = SDXLPipeline(backend, spec, tokenizers)
         return np.concatenate([pipeline.generate(*(i[s:s + 16] for i in ids), latent)
-                               for s in range(0, len(captions), 16)])
+                               for s in progress(range(0, len(captions), 16), desc=label)])
 
-    fp32 = images(None)
+    def verdicts(generated: np.ndarray) -> list[dict[str, bool]]:  # the checker reads testbed captions only
+        return [judge(c, im) for c, im in zip(captions, generated)] if spec.profile == "testbed" else []
+
+    def accuracy(judged: list[dict[str, bool]]) -> float | None:
+        return summarize_verdicts(captions, judged)["overall"]["all"] if judged else None
+
+    fp32 = images(None, "FP32")
     rows = [{"label": "FP32", "method": "-", "percent_of_fp16": 100.0, "fp16_groups": len(sensitivity.groups),
-             "measured_sqnr_db": float("inf"), "psnr_db": float("inf"),
-             "caption_accuracy": caption_accuracy(captions, list(fp32))["overall"]["all"]}]
+             "measured_sqnr_db": float("inf"), "psnr_db": float("inf"), "caption_accuracy": accuracy(verdicts(fp32))}]
+    per_caption = []  # (psnr per caption, correct per caption) of each configuration
     for index, point in enumerate(configurations):
         path = save_configuration(scratch / f"{index}.json", point,
                                   configuration_entries(point.choice, schemes, sensitivity.layers),
                                   sensitivity.schemes, spec, unet, data)
-        generated = images(path)
-        psnr = [psnr_ssim(a, b)[0] for a, b in zip(generated, fp32)]
-        rows.append({"label": point.label, "method": point.method, "percent_of_fp16": point.percent_of_fp16,
-                     "fp16_groups": len(point.fp16_groups), "measured_sqnr_db": point.measured_sqnr_db,
-                     "psnr_db": float(np.mean([p for p in psnr if np.isfinite(p)] or [float("inf")])),
-                     "caption_accuracy": caption_accuracy(captions, list(generated))["overall"]["all"]})
-    return {"captions": len(captions), "rows": rows}
+        generated = images(path, f"{point.label} {point.method}")
+        psnr = np.array([psnr_ssim(a, b)[0] for a, b in zip(generated, fp32)], dtype=np.float64)
+        judged = verdicts(generated)
+        correct = np.array([float(v["all"]) for v in judged])
+        per_caption.append((psnr, correct))
+        row = {"label": point.label, "method": point.method, "percent_of_fp16": point.percent_of_fp16,
+               "fp16_groups": len(point.fp16_groups), "measured_sqnr_db": point.measured_sqnr_db,
+               "psnr_db": float(np.mean(psnr[np.isfinite(psnr)])) if np.isfinite(psnr).any() else float("inf"),
+               "caption_accuracy": accuracy(judged)}
+        if index > 0 and np.isfinite(psnr).all() and np.isfinite(per_caption[0][0]).all():
+            row["psnr_vs_uniform"] = paired_interval(psnr, per_caption[0][0])
+        if index > 0 and judged:
+            row["accuracy_vs_uniform"] = paired_interval(correct, per_caption[0][1])
+        rows.append(row)
+    return {"captions": len(captions), "paired_against": f"{configurations[0].label} {configurations[0].method}",
+            "rows": rows}
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ def main() -> int:
     args = argparse.Namespace(profile=opts.profile, model_path=None, schemes=opts.schemes, calibration_captions=None,
                               num_prompts=opts.num_prompts, timesteps=None, samples=opts.samples,
                               output=str(OUT_DIR / f"sensitivity-reuse-{stamp}"), cache_dir=opts.cache_dir)
-    _, unet, schemes, loop, _ = prepare(args)
+    prepared = prepare(args)
+    unet, schemes, loop = prepared.unet, prepared.schemes, prepared.loop
     seconds: dict[str, list[float]] = {"reuse": [], "whole": []}
     results = {}
     for _ in range(opts.rounds):

@@ -131,7 +131,7 @@ def _qdq(encoding: Encoding | None, x: torch.Tensor) -> torch.Tensor:
     return x if encoding is None else fake_quantize(x, encoding.qparams())
 
 
-def _quantized_layer(module: torch.nn.Module, quantizers: dict[str, Encoding], x: torch.Tensor,
+def quantized_layer(module: torch.nn.Module, quantizers: dict[str, Encoding], x: torch.Tensor,
                      weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The layer's output with its own input/weight/output quantizers and its deployed ``weight``/``bias``,
     from its FP32 input."""
@@ -199,7 +199,7 @@ def sqnr_report(module: torch.nn.Module, component: str, entries, forward_loop, 
                 report.types[name] = type(mod).__name__
             weight = deployed.get(f"{name}.weight", mod.weight)
             bias = deployed.get(f"{name}.bias", mod.bias)
-            report.local[name].add(output, _quantized_layer(mod, quantizers[name], call_input(mod, args, kwargs, 0),
+            report.local[name].add(output, quantized_layer(mod, quantizers[name], call_input(mod, args, kwargs, 0),
                                                             weight, bias))
         return hook
 

@@ -289,7 +289,8 @@ def _fmt(value, digits=2, suffix="") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
-def _interval(delta: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+def format_interval(delta: dict | None, scale: float = 1.0, digits: int = 1) -> str:
+    """``+mean [+low, +high]`` of a :func:`paired_interval` (times ``scale``), or ``-``."""
     if not delta:
         return "-"
     return (f"{scale * delta['mean']:+.{digits}f} [{scale * delta['low']:+.{digits}f}, "
@@ -313,7 +314,7 @@ def table_rows(rows: list[StudyRow]) -> tuple[list[str], list[list[str]]]:
             delta = m.get("delta_vs_fp32") or {}
             cells += [_fmt(m.get("testbed_clip")), _fmt(m.get("testbed_fid")),
                       _fmt(100 * m["caption_accuracy"], 1) if m.get("caption_accuracy") is not None else "-",
-                      _interval(delta.get("caption_accuracy"), 100), _interval(delta.get("testbed_clip"), 1, 2)]
+                      format_interval(delta.get("caption_accuracy"), 100), format_interval(delta.get("testbed_clip"), 1, 2)]
         else:
             cells += [_fmt(m.get("fid")), _fmt(m.get("clip_score"))]
         cells += [_fmt(m.get("images_per_s")), row.error or ""]

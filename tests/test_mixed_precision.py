@@ -129,6 +129,40 @@ def test_the_layer_made_to_matter_ranks_first_and_sizes_are_counted():
     assert problem.pair[0][1, 1] == sensitivity.pairs["l1|l2"]["w8a8|w8a8"] and problem.pair[0][1, 2] == 0.0
 
 
+class Linear2(torch.nn.Module):
+    """Two Linears, the second with orthogonal columns: the output error a first-layer error causes is
+    exactly ``sum_i (W2^T W2)_ii dY_i^2``, the quantity AutoQuantize's score estimates."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.l1, self.l2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        q, _ = torch.linalg.qr(torch.randn(16, 16))
+        with torch.no_grad():
+            self.l2.weight.copy_(q * torch.logspace(-0.5, 0.5, 16))  # orthogonal columns, unequal norms
+
+    def forward(self, x):
+        return self.l2(self.l1(x))
+
+
+def test_gradient_scores_estimate_the_measured_output_error_and_rank_like_it():
+    from calibration.mixed_precision.gradient_scores import gradient_sensitivity
+
+    model = Linear2().eval().requires_grad_(False)  # as loaded for inference: the scorer turns grads on, then back
+    schemes = _schemes(model)
+    measured = measure_sensitivity(model, schemes, _data_loop(), samples=4, pairs="none")
+    scored = gradient_sensitivity(model, schemes, _data_loop(), samples=4, probes=400)
+    assert scored.groups == measured.groups == ["l1", "l2"] and scored.bits == measured.bits
+    for group in ("l1", "l2"):
+        for scheme in schemes:  # a linear model: first order is exact; orthogonal columns: no cross terms
+            assert scored.unary[group][scheme]["mse"] == pytest.approx(measured.unary[group][scheme]["mse"], rel=0.05)
+    assert not any(p.requires_grad for p in model.parameters())
+    # the Chain's outlier layer ranks first here too, from 4 backward passes instead of 8 x 4 forwards
+    chain = Chain(outlier=True).eval()
+    ranking = gradient_sensitivity(chain, _schemes(chain), _data_loop(), samples=4).ranking("w8a8")
+    assert ranking[0][0] == "l2" and ranking[0][1] > 10 * ranking[1][1]
+
+
 def test_a_killed_sensitivity_run_resumes_with_the_same_numbers(tmp_path):
     model = Chain(outlier=True).eval()
     schemes = _schemes(model)

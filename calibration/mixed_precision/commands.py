@@ -14,10 +14,12 @@ import argparse
 import csv
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from sdxl.arg_types import int_at_least
 from sdxl.errors import UserError
@@ -98,8 +100,19 @@ def _schemes(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def prepare(args: argparse.Namespace):
-    """Load the FP32 model, capture, calibrate each scheme; the UNet, its schemes' entries and its forward loop."""
+@dataclass
+class Prepared:
+    """What every command here starts from: the FP32 UNet, each scheme's entries for it, its forward loop."""
+
+    spec: Any
+    unet: torch.nn.Module
+    schemes: dict[str, Any]
+    loop: Callable[[torch.nn.Module], None]
+    data: Any
+
+
+def prepare(args: argparse.Namespace) -> Prepared:
+    """Load the FP32 model, capture, calibrate each scheme (once: a bench running several commands shares it)."""
     from calibration.capture import CalibrationDataError
     from calibration.pipeline_calibration import calibrate_components, capture_for, forward_loop_for
     from calibration.recipes import load_recipe
@@ -119,21 +132,21 @@ def prepare(args: argparse.Namespace):
                                               show_progress=False).components["unet"] for name in names}
     except (EncodingsError, CalibrationDataError) as exc:
         raise UserError(str(exc)) from None
-    return spec, components.unet, schemes, forward_loop_for("unet", data, components), data
+    return Prepared(spec, components.unet, schemes, forward_loop_for("unet", data, components), data)
 
 
-def _measure(args, unet, schemes, loop):
+def measure(args, prepared: Prepared):
+    """The sensitivity of ``prepared``'s UNet, cached (and resumed) in ``<output>/sensitivity.json``."""
     from sdxl.progress import progress
 
     from .sensitivity import measure_sensitivity
 
-    return measure_sensitivity(unet, schemes, loop, samples=args.samples, pairs=args.pairs,
-                               cache=Path(args.output) / "sensitivity.json", progress=progress)
+    return measure_sensitivity(prepared.unet, prepared.schemes, prepared.loop, samples=args.samples,
+                               pairs=args.pairs, cache=Path(args.output) / "sensitivity.json", progress=progress)
 
 
 def run_sensitivity(args: argparse.Namespace) -> int:
-    _, unet, schemes, loop, _ = prepare(args)
-    sensitivity = _measure(args, unet, schemes, loop)
+    sensitivity = measure(args, prepare(args))
     output = Path(args.output)
     with atomic_path(output / "sensitivity.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -166,14 +179,23 @@ def _percents(args: argparse.Namespace, smallest: float) -> list[float]:
 
 
 def run_mixed_precision(args: argparse.Namespace) -> int:
+    if args.baseline and args.baseline not in _schemes(args):
+        raise UserError(f"--baseline {args.baseline} is not one of --schemes")
+    output = mixed_precision(args, prepare(args))[2]
+    print((output / "mixed_precision.md").read_text())
+    sys.stdout.flush()
+    return 0
+
+
+def mixed_precision(args: argparse.Namespace, prepared: Prepared):
+    """The sweep on ``prepared``: its sensitivity, the configurations (measured) and the result written to
+    ``<output>/mixed_precision.{json,md}`` and ``pareto.png``; returns ``(sensitivity, points, output)``."""
     from .search import budget_model, configuration_entries, measure_configuration, rank_correlation, sweep
     from .sensitivity import OutputRecorder
 
     started = time.time()
-    if args.baseline and args.baseline not in _schemes(args):
-        raise UserError(f"--baseline {args.baseline} is not one of --schemes")
-    spec, unet, schemes, loop, data = prepare(args)
-    sensitivity = _measure(args, unet, schemes, loop)
+    spec, unet, schemes, loop, data = prepared.spec, prepared.unet, prepared.schemes, prepared.loop, prepared.data
+    sensitivity = measure(args, prepared)
     sizes = budget_model(unet, sensitivity, args.constraint)
     baseline = args.baseline or sensitivity.schemes[0]
     costs = sensitivity.bits if args.constraint == "size" else sensitivity.bitops
@@ -207,9 +229,7 @@ def run_mixed_precision(args: argparse.Namespace) -> int:
     write_json_atomic(output / "mixed_precision.json", result)
     _write_table(output, points, result)
     _write_plot(output / "pareto.png", points)
-    print((output / "mixed_precision.md").read_text())
-    sys.stdout.flush()
-    return 0
+    return sensitivity, points, output
 
 
 def save_configuration(path: Path, point, entries, schemes: list[str], spec, unet, data) -> Path:
@@ -286,6 +306,15 @@ def _write_plot(path: Path, points) -> None:
 
 
 def run_block_sensitivity(args: argparse.Namespace) -> int:
+    if not 0.0 < args.share <= 1.0:
+        raise UserError(f"--share must be in (0, 1], got {args.share}")
+    block_sensitivity(args, prepare(args))
+    return 0
+
+
+def block_sensitivity(args: argparse.Namespace, prepared: Prepared) -> dict[str, Any]:
+    """Seed 003's analysis of ``args.recipe`` (one of ``prepared``'s schemes): ``block_sensitivity.json``,
+    the heat map and the hybrid recipe in ``args.output``; returns what the JSON holds."""
     import yaml
 
     from calibration.recipes import load_recipe
@@ -293,19 +322,20 @@ def run_block_sensitivity(args: argparse.Namespace) -> int:
 
     from .blocks import block_progressive, hybrid_recipe
 
-    if not 0.0 < args.share <= 1.0:
-        raise UserError(f"--share must be in (0, 1], got {args.share}")
-    _, unet, schemes, loop, _ = prepare(args)
-    analysis = block_progressive(unet, schemes[args.recipe], loop, samples=args.samples, progress=progress)
+    if args.recipe not in prepared.schemes:
+        raise UserError(f"--recipe {args.recipe} is not one of the calibrated schemes ({', '.join(prepared.schemes)})")
+    check_writable_dir(Path(args.output), "--output")
+    analysis = block_progressive(prepared.unet, prepared.schemes[args.recipe], prepared.loop, samples=args.samples,
+                                 progress=progress)
     sensitive = analysis.sensitive(args.share)
     output = Path(args.output)
     hybrid = hybrid_recipe(load_recipe(args.recipe).to_json(), sensitive, args.higher)
     recipe_path = output / f"{hybrid['name']}.yaml"
     write_text_atomic(recipe_path, f"# written by ./run.sh block-sensitivity --recipe {args.recipe} --share {args.share} "
                            f"--higher {args.higher}\n" + yaml.safe_dump(hybrid, sort_keys=False))
-    write_json_atomic(output / "block_sensitivity.json", {"recipe": args.recipe, "share": args.share,
-                                                           "higher": args.higher, "sensitive": sensitive,
-                                                           "hybrid_recipe": str(recipe_path), **analysis.to_json()})
+    result = {"recipe": args.recipe, "share": args.share, "higher": args.higher, "sensitive": sensitive,
+              "hybrid_recipe": str(recipe_path), **analysis.to_json()}
+    write_json_atomic(output / "block_sensitivity.json", result)
     _write_heatmap(output / "block_sqnr.png", analysis, args.recipe)
     rows = [[b, f"{c:.2f}", f"{a:.2f}", f"{100 * s:.1f}", "yes" if b in sensitive else ""]
             for b, c, a, s in zip(analysis.blocks, analysis.cumulative_total_db, analysis.alone_total_db,
@@ -315,7 +345,7 @@ def run_block_sensitivity(args: argparse.Namespace) -> int:
                         f"kept {args.higher}"], rows))
     print(f"hybrid recipe: {recipe_path} (calibrate it with ./run.sh calibrate --recipe {recipe_path}); heat map: "
           f"{output / 'block_sqnr.png'}")
-    return 0
+    return result
 
 
 def _write_heatmap(path: Path, analysis, recipe: str) -> None:

@@ -144,7 +144,7 @@ class OutputRecorder:
         return outputs
 
 
-class _ExecutionOrder:
+class ExecutionOrder:
     """Records, while active, the order in which the data first reaches each of ``layers``, and each
     layer's multiply-accumulates (summed over the calls; divided by the root's calls for per-call MACs)."""
 
@@ -210,6 +210,39 @@ class QuantizedLayers:
                 modules[name].weight.copy_(weight)
 
 
+def candidate_groups(schemes: Mapping[str, Entries]) -> tuple[set[str], dict[str, list[str]]]:
+    """The layers any scheme quantizes, and the candidate groups (:func:`group_of`) they form."""
+    layers = {parse_key(k)[0] for entries in schemes.values() for k in entries}
+    grouped: dict[str, list[str]] = {}
+    for layer in sorted(layers):
+        grouped.setdefault(group_of(layer), []).append(layer)
+    return layers, grouped
+
+
+def option_costs(module: torch.nn.Module, schemes: Mapping[str, Entries], grouped: Mapping[str, list[str]],
+                 macs: Mapping[str, float]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Per group and option (FP16 or a scheme): weight bits, and BitOps per call from the layers' ``macs``."""
+    layers = {layer for ls in grouped.values() for layer in ls}
+    params = {name: sub.weight.numel() for name, sub in module.named_modules()
+              if name in layers and isinstance(getattr(sub, "weight", None), torch.Tensor)}
+
+    def width(entries, layer: str, kind: str) -> int:
+        value = entries.get(f"{layer}:{kind}[0]")
+        return 16 if value is None else (value[0] if isinstance(value, list) else value).bits
+
+    bits: dict[str, dict[str, float]] = {}
+    bitops: dict[str, dict[str, float]] = {}
+    for group, members in grouped.items():
+        bits[group] = {FP16: sum(16.0 * params.get(layer, 0) for layer in members)}
+        bitops[group] = {FP16: sum(256.0 * macs.get(layer, 0.0) for layer in members)}
+        for scheme, entries in schemes.items():
+            bits[group][scheme] = sum(weight_bits(params.get(layer, 0), entries.get(f"{layer}:weight[0]"))
+                                      for layer in members)
+            bitops[group][scheme] = sum(macs.get(layer, 0.0) * width(entries, layer, "weight")
+                                        * width(entries, layer, "input") for layer in members)
+    return bits, bitops
+
+
 def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries], forward_loop: ForwardLoop, *,
                         samples: int = 8, pairs: str = "same", cache: str | Path | None = None,
                         groups: Mapping[str, list[str]] | None = None, progress=None,
@@ -228,14 +261,10 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
         raise ValueError("no schemes to measure")
     started = time.time()
     run = OutputRecorder(module, forward_loop, samples)
-    layers = {parse_key(k)[0] for entries in schemes.values() for k in entries}
-    if groups is None:
-        grouped: dict[str, list[str]] = {}
-        for layer in sorted(layers):
-            grouped.setdefault(group_of(layer), []).append(layer)
-    else:
+    layers, grouped = candidate_groups(schemes)
+    if groups is not None:
         grouped = {g: list(ls) for g, ls in groups.items()}
-    recorder = _ExecutionOrder(module, layers)
+    recorder = ExecutionOrder(module, layers)
     reuse = PrefixReuse(module, reuse_limit_bytes)
     try:
         with reuse.recording():
@@ -266,25 +295,7 @@ def measure_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries],
         if cache_path is not None:
             write_json_atomic(cache_path, {"key": key, **state.to_json()})
 
-    params = {name: sub.weight.numel() for name, sub in module.named_modules()
-              if name in layers and isinstance(getattr(sub, "weight", None), torch.Tensor)}
-    def activation_bits(entries, layer: str) -> int:
-        value = entries.get(f"{layer}:input[0]")
-        return 16 if value is None else (value[0] if isinstance(value, list) else value).bits
-
-    def weight_width(entries, layer: str) -> int:
-        value = entries.get(f"{layer}:weight[0]")
-        return 16 if value is None else (value[0] if isinstance(value, list) else value).bits
-
-    for group in group_names:
-        state.bits[group] = {FP16: sum(16.0 * params.get(layer, 0) for layer in grouped[group])}
-        state.bitops[group] = {FP16: sum(256.0 * macs.get(layer, 0.0) for layer in grouped[group])}
-        for scheme, entries in schemes.items():
-            state.bits[group][scheme] = sum(
-                weight_bits(params.get(layer, 0), entries.get(f"{layer}:weight[0]")) for layer in grouped[group])
-            state.bitops[group][scheme] = sum(macs.get(layer, 0.0) * weight_width(entries, layer)
-                                              * activation_bits(entries, layer) for layer in grouped[group])
-
+    state.bits, state.bitops = option_costs(module, schemes, {g: grouped[g] for g in group_names}, macs)
     unit_macs = {unit: sum(m for layer, m in macs.items() if reuse.unit_of(layer) == unit) for unit in reuse.order}
     work = {"all": 0.0, "skipped": 0.0}
 
