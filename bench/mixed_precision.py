@@ -73,7 +73,7 @@ def main() -> int:
     common = dict(profile=opts.profile, model_path=None, calibration_captions=None, num_prompts=opts.num_prompts,
                   timesteps=None, samples=opts.samples, cache_dir=opts.cache_dir)
     sweep_args = argparse.Namespace(**common, schemes=ANNA_SCHEMES, output=str(work), percents=None, pairs="same",
-                                    constraint="size", baseline=None, target_sqnr=None, random_draws=5)
+                                    scores="measured", constraint="size", baseline=None, target_sqnr=None, random_draws=5)
     prepared = prepare(sweep_args)  # once: the sweep and the block analysis share the model, capture and schemes
     spec, unet, schemes, loop, data = prepared.spec, prepared.unet, prepared.schemes, prepared.loop, prepared.data
     sensitivity, _, _ = mixed_precision(sweep_args, prepared)

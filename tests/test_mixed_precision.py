@@ -305,6 +305,25 @@ def test_mixed_precision_command_writes_configurations_that_fake_quant_and_ort_r
     assert sqnr_db(fake_quant, ort) > 30.0
 
 
+def test_sensitivity_command_with_gradient_scores(tmp_path, capsys):
+    """``--scores gradient``: AutoQuantize's scores for every group and scheme from one backward pass, in
+    the same table (and files) as the measured sensitivity; the 4-bit scheme costs more for every group."""
+    import json
+
+    from harness.cli import main
+
+    out = tmp_path / "sens"
+    assert main(["sensitivity", "--profile", "testbed", "--schemes", "w8a8,w4a8", "--num-prompts", "1",
+                 "--timesteps", "single", "--samples", "1", "--scores", "gradient", "--output", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    saved = json.loads((out / "sensitivity.json").read_text())
+    assert saved["scores"] == "gradient" and saved["forward_passes"] == 1 and len(saved["groups"]) > 100
+    unary = saved["unary"]
+    assert all(0 < unary[g]["w8a8"]["mse"] < unary[g]["w4a8"]["mse"] for g in saved["groups"]
+               if unary[g]["w8a8"]["mse"] > 0)
+    assert "most sensitive groups under w8a8" in capsys.readouterr().out
+
+
 def test_bitops_prices_16_bit_activations_that_weight_size_calls_free():
     """W8A8 and W8A16 take the same weight bits; BitOps (MACs x w bits x a bits) charges A16 twice A8."""
     model = Chain(outlier=False).eval()

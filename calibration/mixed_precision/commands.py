@@ -44,6 +44,9 @@ def _add_common(parser: argparse.ArgumentParser, schemes: bool = True) -> None:
     if schemes:
         parser.add_argument("--pairs", default="same", choices=("none", "same", "all"),
                             help="consecutive-group interactions to measure: none, same scheme on both (default), all")
+        parser.add_argument("--scores", default="measured", choices=("measured", "gradient"),
+                            help="measured: each group quantized alone, the output MSE (ANNA; default); gradient: "
+                                 "AutoQuantize's Taylor scores from one backward pass per sample (no pair terms)")
     parser.add_argument("--output", required=True, help="output directory (sensitivity.json resumes in it)")
     parser.add_argument("--cache-dir", default="build/cache", help="calibration data cache")
 
@@ -136,13 +139,20 @@ def prepare(args: argparse.Namespace) -> Prepared:
 
 
 def measure(args, prepared: Prepared):
-    """The sensitivity of ``prepared``'s UNet, cached (and resumed) in ``<output>/sensitivity.json``."""
+    """The sensitivity of ``prepared``'s UNet: measured (cached, and resumed, in ``<output>/sensitivity.json``)
+    or, with ``--scores gradient``, AutoQuantize's scores (seconds: written there, not resumed)."""
     from sdxl.progress import progress
 
+    from .gradient_scores import gradient_sensitivity
     from .sensitivity import measure_sensitivity
 
+    cache = Path(args.output) / "sensitivity.json"
+    if getattr(args, "scores", "measured") == "gradient":
+        sensitivity = gradient_sensitivity(prepared.unet, prepared.schemes, prepared.loop, samples=args.samples)
+        write_json_atomic(cache, {"scores": "gradient", **sensitivity.to_json()})
+        return sensitivity
     return measure_sensitivity(prepared.unet, prepared.schemes, prepared.loop, samples=args.samples,
-                               pairs=args.pairs, cache=Path(args.output) / "sensitivity.json", progress=progress)
+                               pairs=args.pairs, cache=cache, progress=progress)
 
 
 def run_sensitivity(args: argparse.Namespace) -> int:
@@ -214,7 +224,8 @@ def mixed_precision(args: argparse.Namespace, prepared: Prepared):
     dp = [p for p in points if p.method == "dp"]
     result: dict[str, Any] = {
         "mixed_precision_json_version": 1, "profile": spec.profile, "schemes": sensitivity.schemes,
-        "baseline": baseline, "samples": args.samples, "pairs": args.pairs, "constraint": args.constraint,
+        "baseline": baseline, "samples": args.samples, "scores": args.scores,
+        "pairs": "none" if args.scores == "gradient" else args.pairs, "constraint": args.constraint,
         "percent_of": "FP16 weight size of the UNet" if args.constraint == "size" else
                       "FP16 BitOps (16x16 bits per MAC) of the candidate groups",
         "sensitivity": {"groups": len(sensitivity.groups), "unet_calls": sensitivity.forward_passes,

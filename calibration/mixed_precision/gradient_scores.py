@@ -24,6 +24,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from quant.slots import call_input
+
 from ..sqnr import layer_quantizers, quantized_layer, root_output
 from .sensitivity import Entries, ExecutionOrder, ForwardLoop, Sensitivity, candidate_groups, option_costs
 
@@ -56,7 +58,7 @@ def gradient_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries]
         def hook(layer, args, kwargs, output):
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
-            x = (args[0] if args else kwargs.get("input")).detach()
+            x = call_input(layer, args, kwargs, 0).detach()
             with torch.no_grad():
                 noise = {s: (quantized_layer(layer, q[name], x, layer.weight, layer.bias) - output).pow(2)
                          for s, q in quantizers.items() if name in q}
