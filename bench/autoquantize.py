@@ -6,6 +6,7 @@ Both see the same UNet, ANNA's three FP8 schemes and the same calibration sample
 
 * **measured** (ANNA, ``measure_sensitivity``): each group quantized alone under each scheme, the
   output MSE against FP32, and consecutive-pair interactions (``--pairs same``);
+* **measured, no pairs**: the same table without its pair terms (an ablation: what the pairs add);
 * **gradient** (AutoQuantize, ``gradient_scores.gradient_sensitivity``): ``Σ (∂L/∂Y)² (Q(Y) − Y)²``
   per layer from one backward pass per sample, separable.
 
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +40,18 @@ from calibration.mixed_precision.search import (  # noqa: E402
     rank_correlation,
 )
 from calibration.mixed_precision.sensitivity import FP16, OutputRecorder, measure_sensitivity  # noqa: E402
-from calibration.mixed_precision.solver import greedy, solve_dp  # noqa: E402
+from calibration.mixed_precision.solver import Problem, greedy, solve_dp  # noqa: E402
 from sdxl.io import format_table, write_json_atomic  # noqa: E402
 from sdxl.progress import progress  # noqa: E402
 from sdxl.system_info import system_description  # noqa: E402
 
 #: points above the all-fp8 size at which the choices are compared
 STEPS = (0.1, 1.0, 3.0, 8.0)
+
+
+def separable(problem: Problem) -> Problem:
+    """``problem`` without its pair terms: the measured unary table alone, as the gradient one is."""
+    return Problem(problem.unary, problem.size, [np.zeros_like(p) for p in problem.pair], names=problem.names)
 
 
 def main() -> int:
@@ -80,18 +87,21 @@ def main() -> int:
     smallest = sizes.percent(uniform_bits)
     rows = []
     uniform = {g: "fp8" for g in measured.groups}
+    problems = {"measured DP": measured.problem(), "measured DP, no pairs": separable(measured.problem()),
+                "gradient DP": scored.problem(), "measured greedy": measured.problem()}
     for percent, method, choice in [(smallest, "uniform fp8", uniform)] + [
-            (smallest + step, name, None) for step in STEPS for name in ("measured DP", "gradient DP", "measured greedy")]:
+            (smallest + step, name, None) for step in STEPS for name in problems]:
         if choice is None:
-            table = scored if method.startswith("gradient") else measured
             solver = greedy if method.endswith("greedy") else solve_dp
-            solution = solver(table.problem(), sizes.group_budget(percent))
+            solution = solver(problems[method], sizes.group_budget(percent))
             choice = {g: options[j] for g, j in zip(measured.groups, solution.choice)}
         bits = sum(measured.bits[g][o] for g, o in choice.items())
+        predicted = problems.get(method, problems["measured DP"]).cost([options.index(choice[g]) for g in measured.groups])
         entries = configuration_entries(choice, schemes, measured.layers)
         mse, sqnr = measure_configuration(unet, entries, loop, opts.samples, reference)
         rows.append({"budget_percent": round(percent, 3), "method": method, "percent_of_fp16": sizes.percent(bits),
-                     "fp16_groups": sum(1 for o in choice.values() if o == FP16), "measured_mse": mse,
+                     "fp16_groups": sum(1 for o in choice.values() if o == FP16), "predicted_mse": predicted,
+                     "measured_mse": mse,
                      "measured_sqnr_db": sqnr, "choice": choice})
     record = {"benchmark": "autoquantize", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "system": system_description(), "torch_threads": torch.get_num_threads(), "profile": opts.profile,
@@ -107,9 +117,11 @@ def main() -> int:
           f"{len(measured.schemes)} schemes, {opts.samples} UNet calls per measurement")
     print(f"measured sensitivity: {measured.forward_passes} UNet calls, {measured.seconds:.0f} s; gradient scores: "
           f"{scored.forward_passes} forward+backward, {scored_seconds:.1f} s; Spearman rho of the unary costs {rho:.3f}")
-    print(format_table(["budget % of FP16", "method", "% of FP16", "FP16 groups", "measured output SQNR dB"],
+    print(format_table(["budget % of FP16", "method", "% of FP16", "FP16 groups", "predicted MSE", "measured MSE",
+                        "measured output SQNR dB"],
                        [[f"{r['budget_percent']:.2f}", r["method"], f"{r['percent_of_fp16']:.2f}", r["fp16_groups"],
-                         f"{r['measured_sqnr_db']:.2f}"] for r in rows]))
+                         f"{r['predicted_mse']:.3g}", f"{r['measured_mse']:.3g}", f"{r['measured_sqnr_db']:.2f}"]
+                        for r in rows]))
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / f"autoquantize-{opts.profile}-{stamp}.json"
     write_json_atomic(path, record)
