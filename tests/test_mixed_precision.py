@@ -157,6 +157,12 @@ def test_gradient_scores_estimate_the_measured_output_error_and_rank_like_it():
         for scheme in schemes:  # a linear model: first order is exact; orthogonal columns: no cross terms
             assert scored.unary[group][scheme]["mse"] == pytest.approx(measured.unary[group][scheme]["mse"], rel=0.05)
     assert not any(p.requires_grad for p in model.parameters())
+    def no_grad_loop(module):
+        with torch.inference_mode():
+            _data_loop()(module)
+
+    with pytest.raises(ValueError, match="outside torch.no_grad"):
+        gradient_sensitivity(model, schemes, no_grad_loop, samples=1)
     # the Chain's outlier layer ranks first here too, from 4 backward passes instead of 8 x 4 forwards
     chain = Chain(outlier=True).eval()
     ranking = gradient_sensitivity(chain, _schemes(chain), _data_loop(), samples=4).ranking("w8a8")

@@ -52,12 +52,13 @@ def gradient_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries]
     scores = {layer: dict.fromkeys(schemes, 0.0) for layer in scored}
     pending: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]] = []  # this call's layer outputs and noise
     generator = torch.Generator().manual_seed(seed)
-    totals = {"power": 0.0, "elements": 0, "calls": 0}
+    totals = {"power": 0.0, "elements": 0, "calls": 0, "graded": 0}
 
     def layer_hook(name: str):
         def hook(layer, args, kwargs, output):
             if not (isinstance(output, torch.Tensor) and output.requires_grad):
                 return
+            totals["graded"] += 1
             x = call_input(layer, args, kwargs, 0).detach()
             with torch.no_grad():
                 noise = {s: (quantized_layer(layer, q[name], x, layer.weight, layer.bias) - output).pow(2)
@@ -68,7 +69,7 @@ def gradient_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries]
     def root_hook(_module, _args, output):
         out = root_output(output)
         outputs = [y for _, y, _ in pending]
-        for _ in range(probes):
+        for _ in range(probes if outputs else 0):
             v = torch.randn(out.shape, generator=generator, dtype=out.dtype)
             grads = torch.autograd.grad((out * v).sum(), outputs, retain_graph=True, allow_unused=True)
             for (name, _, noise), g in zip(pending, grads):
@@ -103,6 +104,9 @@ def gradient_sensitivity(module: torch.nn.Module, schemes: Mapping[str, Entries]
         pending.clear()
     if not totals["calls"]:
         raise ValueError("the forward loop fed no data to the module")
+    if not totals["graded"]:
+        raise ValueError("no layer output carried a gradient: gradient scores need a forward loop that runs "
+                         "outside torch.no_grad / inference_mode")
     macs = {layer: m / totals["calls"] for layer, m in order.macs.items()}
     first_seen = {layer: i for i, layer in enumerate(executed)}
     names = sorted(grouped, key=lambda g: min(first_seen.get(layer, len(executed)) for layer in grouped[g]))
