@@ -7,6 +7,9 @@ Both see the same UNet, ANNA's three FP8 schemes and the same calibration sample
 * **measured** (ANNA, ``measure_sensitivity``): each group quantized alone under each scheme, the
   output MSE against FP32, and consecutive-pair interactions (``--pairs same``);
 * **measured, no pairs**: the same table without its pair terms (an ablation: what the pairs add);
+* **measured around fp8** (``around="fp8"``): the same quadratic model expanded at the all-``fp8``
+  configuration (each group moved to FP16 or another variant with the rest ``fp8``), with and
+  without its pairs, and greedy on it;
 * **gradient** (AutoQuantize, ``gradient_scores.gradient_sensitivity``): ``Σ (∂L/∂Y)² (Q(Y) − Y)²``
   per layer from one backward pass per sample, separable.
 
@@ -19,6 +22,7 @@ the calibration samples. Prints a table and writes JSON (with the CPU and ISA) u
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import sys
 import time
@@ -51,7 +55,7 @@ STEPS = (0.1, 1.0, 3.0, 8.0)
 
 def separable(problem: Problem) -> Problem:
     """``problem`` without its pair terms: the measured unary table alone, as the gradient one is."""
-    return Problem(problem.unary, problem.size, [np.zeros_like(p) for p in problem.pair], names=problem.names)
+    return dataclasses.replace(problem, pair=[np.zeros_like(p) for p in problem.pair])
 
 
 def main() -> int:
@@ -73,6 +77,8 @@ def main() -> int:
     measured = measure_sensitivity(unet, schemes, loop, samples=opts.samples, pairs="same",
                                    cache=work / "sensitivity.json", progress=progress)
     measured_seconds = time.perf_counter() - started  # 0-ish when resumed from the cache: see the JSON's own
+    around = measure_sensitivity(unet, schemes, loop, samples=opts.samples, pairs="same", around="fp8",
+                                 cache=work / "sensitivity-around-fp8.json", progress=progress)
     started = time.perf_counter()
     scored = gradient_sensitivity(unet, schemes, loop, samples=opts.samples)
     scored_seconds = time.perf_counter() - started
@@ -88,7 +94,9 @@ def main() -> int:
     rows = []
     uniform = {g: "fp8" for g in measured.groups}
     problems = {"measured DP": measured.problem(), "measured DP, no pairs": separable(measured.problem()),
-                "gradient DP": scored.problem(), "measured greedy": measured.problem()}
+                "gradient DP": scored.problem(), "measured greedy": measured.problem(),
+                "around-fp8 DP": around.problem(), "around-fp8 DP, no pairs": separable(around.problem()),
+                "around-fp8 greedy": around.problem()}
     for percent, method, choice in [(smallest, "uniform fp8", uniform)] + [
             (smallest + step, name, None) for step in STEPS for name in problems]:
         if choice is None:
@@ -109,14 +117,18 @@ def main() -> int:
               "groups": len(measured.groups),
               "measured": {"seconds": measured.seconds, "unet_calls": measured.forward_passes,
                            "seconds_this_invocation": measured_seconds},
+              "around_fp8": {"seconds": around.seconds, "unet_calls": around.forward_passes,
+                             "base_mse": around.base_mse, "base_sqnr_db": around.base_sqnr_db},
               "gradient": {"seconds": scored_seconds, "unet_calls": scored.forward_passes, "probes": 1},
               "rank_correlation_unary": rho, "rows": rows,
-              "unary": {"measured": measured.unary, "gradient": scored.unary}}
+              "unary": {"measured": measured.unary, "gradient": scored.unary, "around_fp8": around.unary}}
     system = record["system"]
     print(f"CPU {system['cpu_model']} ({system['isa']}); {opts.profile}, {len(measured.groups)} groups x "
           f"{len(measured.schemes)} schemes, {opts.samples} UNet calls per measurement")
     print(f"measured sensitivity: {measured.forward_passes} UNet calls, {measured.seconds:.0f} s; gradient scores: "
           f"{scored.forward_passes} forward+backward, {scored_seconds:.1f} s; Spearman rho of the unary costs {rho:.3f}")
+    print(f"measured around fp8: {around.forward_passes} UNet calls, {around.seconds:.0f} s; all-fp8 output SQNR "
+          f"{around.base_sqnr_db:.2f} dB")
     print(format_table(["budget % of FP16", "method", "% of FP16", "FP16 groups", "predicted MSE", "measured MSE",
                         "measured output SQNR dB"],
                        [[f"{r['budget_percent']:.2f}", r["method"], f"{r['percent_of_fp16']:.2f}", r["fp16_groups"],

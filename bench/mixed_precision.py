@@ -1,7 +1,8 @@
 """Mixed-precision benchmark (issue 16): ANNA's DP against uniform FP8, random FP16 picks, greedy and seed 003's hybrid.
 
     .venv/bin/python bench/mixed_precision.py [--profile testbed] [--num-prompts 8] [--samples 16]
-                                              [--images 64] [--output DIR]
+                                              [--images 64] [--schemes fp8,...] [--around fp32|fp8]
+                                              [--output DIR]
 
 On the trained testbed (quality figures mean nothing on random weights):
 
@@ -48,6 +49,10 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=8, help="calibration prompts (default 8)")
     parser.add_argument("--samples", type=int, default=16, help="UNet calls per measurement (default 16)")
     parser.add_argument("--images", type=int, default=64, help="validation captions for the end-to-end PSNR")
+    parser.add_argument("--schemes", help="the schemes to choose among (default ANNA's three FP8 variants; the "
+                                          "first must be fp8, the uniform baseline and the hybrid's rest)")
+    parser.add_argument("--around", default="fp32", help="where the measured model is expanded: fp32 (default) or a "
+                                                         "scheme (see mixed-precision --around)")
     parser.add_argument("--output", help="work directory (default results/bench/mixed-precision-<stamp>)")
     parser.add_argument("--cache-dir", default=str(ROOT / "build" / "cache"))
     opts = parser.parse_args()
@@ -72,8 +77,11 @@ def main() -> int:
 
     common = dict(profile=opts.profile, model_path=None, calibration_captions=None, num_prompts=opts.num_prompts,
                   timesteps=None, samples=opts.samples, cache_dir=opts.cache_dir)
-    sweep_args = argparse.Namespace(**common, schemes=ANNA_SCHEMES, output=str(work), percents=None, pairs="same",
-                                    scores="measured", constraint="size", baseline=None, target_sqnr=None, random_draws=5)
+    schemes_flag = opts.schemes or ANNA_SCHEMES
+    if schemes_flag.split(",")[0] != "fp8":
+        parser.error("--schemes must start with fp8 (the uniform baseline every row is compared with)")
+    sweep_args = argparse.Namespace(**common, schemes=schemes_flag, output=str(work), percents=None, pairs="same",
+                                    around=opts.around, scores="measured", constraint="size", baseline=None, target_sqnr=None, random_draws=5)
     prepared = prepare(sweep_args)  # once: the sweep and the block analysis share the model, capture and schemes
     spec, unet, schemes, loop, data = prepared.spec, prepared.unet, prepared.schemes, prepared.loop, prepared.data
     sensitivity, _, _ = mixed_precision(sweep_args, prepared)

@@ -129,6 +129,43 @@ def test_the_layer_made_to_matter_ranks_first_and_sizes_are_counted():
     assert problem.pair[0][1, 1] == sensitivity.pairs["l1|l2"]["w8a8|w8a8"] and problem.pair[0][1, 2] == 0.0
 
 
+def test_around_a_scheme_the_model_is_exact_at_that_point_and_every_move_from_it():
+    """Expanded at all-w8a8: the prediction equals the measured output MSE at all-w8a8, at every single
+    group moved (to FP16 or w4a8) and at every consecutive pair moved."""
+    from calibration.mixed_precision.search import configuration_entries, measure_configuration
+    from calibration.mixed_precision.sensitivity import OutputRecorder
+
+    model = Chain(outlier=True).eval()
+    reference_out = model(torch.ones(1, 16))
+    schemes = _schemes(model)
+    around = measure_sensitivity(model, schemes, _data_loop(), samples=4, pairs="all", around="w8a8")
+    assert around.moves == ["fp16", "w4a8"] and set(around.pairs["l1|l2"]) == {
+        "fp16|fp16", "fp16|w4a8", "w4a8|fp16", "w4a8|w4a8"}
+    problem, options = around.problem(), around.options
+    reference = OutputRecorder(model, _data_loop(), 4)()
+
+    def measured(choice):
+        entries = configuration_entries(dict(zip(around.groups, choice)), schemes, around.layers)
+        return measure_configuration(model, entries, _data_loop(), 4, reference)[0]
+
+    def predicted(choice):
+        return problem.cost([options.index(o) for o in choice])
+
+    base = ["w8a8"] * 4
+    assert predicted(base) == around.base_mse == pytest.approx(measured(base), rel=1e-9) and around.base_mse > 0
+    for i in range(4):
+        for option in around.moves:
+            choice = base[:i] + [option] + base[i + 1:]
+            assert predicted(choice) == pytest.approx(measured(choice), rel=1e-9), choice
+    for i in range(3):
+        choice = base[:i] + ["fp16", "w4a8"] + base[i + 2:]
+        assert predicted(choice) == pytest.approx(measured(choice), rel=1e-9), choice
+    assert around.ranking("fp16")[0][0] == "l2"  # the outlier layer gains most from FP16
+    assert torch.equal(model(torch.ones(1, 16)), reference_out)  # every weight restored, every hook removed
+    with pytest.raises(ValueError, match="around must be one of the schemes"):
+        measure_sensitivity(model, schemes, _data_loop(), samples=1, around="fp8")
+
+
 class Linear2(torch.nn.Module):
     """Two Linears, the second with orthogonal columns: the output error a first-layer error causes is
     exactly ``sum_i (W2^T W2)_ii dY_i^2``, the quantity AutoQuantize's score estimates."""
@@ -209,6 +246,12 @@ def test_reusing_fp32_outputs_before_the_group_is_exact_and_skips_work(tiny_back
     whole = measure_sensitivity(unet, {"w8a8": entries}, loop, samples=2, pairs="same", groups=groups,
                                 reuse_limit_bytes=0)
     assert reused.unary == whole.unary and reused.pairs == whole.pairs and len(reused.pairs) == 4
+    # around w8a8 the units replayed are the all-w8a8 ones: as exact
+    reused = measure_sensitivity(unet, {"w8a8": entries}, loop, samples=2, pairs="same", groups=groups, around="w8a8")
+    whole_around = measure_sensitivity(unet, {"w8a8": entries}, loop, samples=2, pairs="same", groups=groups,
+                                       around="w8a8", reuse_limit_bytes=0)
+    assert reused.unary == whole_around.unary and reused.pairs == whole_around.pairs and reused.base_mse > 0
+    assert reused.reused_macs_fraction > 0.2
     # measured 0.23 here (the down_blocks.0 group skips nothing, the up_blocks.1 one all but a tenth)
     assert whole.reused_macs_fraction == 0.0 and reused.reused_macs_fraction > 0.2, reused.reused_macs_fraction
     assert "forward" not in vars(unet.down_blocks[0]) and "forward" not in vars(unet.conv_in)  # all restored
@@ -328,6 +371,11 @@ def test_sensitivity_command_with_gradient_scores(tmp_path, capsys):
     assert all(0 < unary[g]["w8a8"]["mse"] < unary[g]["w4a8"]["mse"] for g in saved["groups"]
                if unary[g]["w8a8"]["mse"] > 0)
     assert "most sensitive groups under w8a8" in capsys.readouterr().out
+    for flags, message in ((["--around", "fp8"], "--around must be fp32 or one of --schemes"),
+                           (["--around", "w8a8"], "--around applies to measured scores")):
+        assert main(["sensitivity", "--profile", "testbed", "--schemes", "w8a8,w4a8", "--scores", "gradient",
+                     *flags, "--output", str(out)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_bitops_prices_16_bit_activations_that_weight_size_calls_free():

@@ -47,6 +47,10 @@ def _add_common(parser: argparse.ArgumentParser, schemes: bool = True) -> None:
         parser.add_argument("--scores", default="measured", choices=("measured", "gradient"),
                             help="measured: each group quantized alone, the output MSE (ANNA; default); gradient: "
                                  "AutoQuantize's Taylor scores from one backward pass per sample (no pair terms)")
+        parser.add_argument("--around", default="fp32",
+                            help="where the measured model is expanded: fp32 (each group quantized with the rest "
+                                 "FP32; default) or one of --schemes (every group on it, each moved to FP16 or "
+                                 "another scheme: exact near the all-quantized size, where small budgets choose)")
     parser.add_argument("--output", required=True, help="output directory (sensitivity.json resumes in it)")
     parser.add_argument("--cache-dir", default="build/cache", help="calibration data cache")
 
@@ -103,6 +107,18 @@ def _schemes(args: argparse.Namespace) -> list[str]:
     return names
 
 
+def _around(args: argparse.Namespace, names: list[str]) -> str | None:
+    """``--around`` as ``measure_sensitivity`` takes it (None: FP32), checked before any model loads."""
+    around = getattr(args, "around", "fp32")
+    if around == "fp32":
+        return None
+    if around not in names:
+        raise UserError(f"--around must be fp32 or one of --schemes ({', '.join(names)}), got {around!r}")
+    if getattr(args, "scores", "measured") == "gradient":
+        raise UserError("--around applies to measured scores; --scores gradient is a Taylor expansion at FP32")
+    return around
+
+
 @dataclass
 class Prepared:
     """What every command here starts from: the FP32 UNet, each scheme's entries for it, its forward loop."""
@@ -124,6 +140,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     from sdxl.progress import progress_enabled
 
     names = _schemes(args)
+    _around(args, names)
     output = Path(args.output)
     check_writable_dir(output, "--output")
     spec = model_spec(args.profile, args.model_path)
@@ -152,25 +169,34 @@ def measure(args, prepared: Prepared):
         write_json_atomic(cache, {"scores": "gradient", **sensitivity.to_json()})
         return sensitivity
     return measure_sensitivity(prepared.unet, prepared.schemes, prepared.loop, samples=args.samples,
-                               pairs=args.pairs, cache=cache, progress=progress)
+                               pairs=args.pairs, cache=cache, progress=progress,
+                               around=_around(args, list(prepared.schemes)))
 
 
 def run_sensitivity(args: argparse.Namespace) -> int:
+    from .sensitivity import FP16
+
     sensitivity = measure(args, prepare(args))
     output = Path(args.output)
     with atomic_path(output / "sensitivity.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["group", "scheme", "mse", "sqnr_db", "bits"])
+        writer.writerow(["group", "option", "mse", "sqnr_db", "bits", "around"])
         for group in sensitivity.groups:
-            for scheme in sensitivity.schemes:
-                cell = sensitivity.unary[group][scheme]
-                writer.writerow([group, scheme, f"{cell['mse']:.6g}", f"{cell['sqnr_db']:.3f}",
-                                 sensitivity.bits[group][scheme]])
-    first = sensitivity.schemes[0]
+            for option in sensitivity.moves:
+                cell = sensitivity.unary[group][option]
+                writer.writerow([group, option, f"{cell['mse']:.6g}", f"{cell['sqnr_db']:.3f}",
+                                 sensitivity.bits[group][option], sensitivity.around or "fp32"])
+    if sensitivity.around:
+        first, what = FP16, (f"groups that move the output most when FP16 (of {len(sensitivity.groups)}; output "
+                             f"SQNR with that group alone FP16, every other on {sensitivity.around}: "
+                             f"{sensitivity.base_sqnr_db:.2f} dB with none)")
+    else:
+        first = sensitivity.schemes[0]
+        what = (f"most sensitive groups under {first} (of {len(sensitivity.groups)}; output SQNR with that group "
+                "alone quantized)")
     rows = [[g, f"{sensitivity.unary[g][first]['sqnr_db']:.2f}", f"{mse:.3g}"]
             for g, mse in sensitivity.ranking(first)[:10]]
-    print(f"most sensitive groups under {first} (of {len(sensitivity.groups)}; output SQNR with that group alone "
-          "quantized):")
+    print(f"{what}:")
     print(format_table(["group", "SQNR dB", "MSE"], rows))
     print(f"{sensitivity.forward_passes} UNet calls, {sensitivity.seconds:.1f} s "
           f"({100 * sensitivity.reused_macs_fraction:.0f}% of their layer MACs skipped: FP32 outputs reused "
@@ -225,7 +251,8 @@ def mixed_precision(args: argparse.Namespace, prepared: Prepared):
     result: dict[str, Any] = {
         "mixed_precision_json_version": 1, "profile": spec.profile, "schemes": sensitivity.schemes,
         "baseline": baseline, "samples": args.samples, "scores": args.scores,
-        "pairs": "none" if args.scores == "gradient" else args.pairs, "constraint": args.constraint,
+        "pairs": "none" if args.scores == "gradient" else args.pairs, "around": sensitivity.around or "fp32",
+        "constraint": args.constraint,
         "percent_of": "FP16 weight size of the UNet" if args.constraint == "size" else
                       "FP16 BitOps (16x16 bits per MAC) of the candidate groups",
         "sensitivity": {"groups": len(sensitivity.groups), "unet_calls": sensitivity.forward_passes,
@@ -279,7 +306,8 @@ def _write_table(output: Path, points, result: dict) -> None:
     lines = [f"# Mixed precision: {', '.join(result['schemes'])} (profile {result['profile']})", "",
              f"Budgets and sizes: % of {result['percent_of']}.", "",
              f"{result['sensitivity']['groups']} candidate groups; sensitivity {result['sensitivity']['unet_calls']} UNet "
-             f"calls in {result['sensitivity']['seconds']} s; {result['samples']} samples per measurement.", "", table, "",
+             f"calls in {result['sensitivity']['seconds']} s; {result['samples']} samples per measurement; model "
+             f"expanded around {result['around']}, pairs {result['pairs']}.", "", table, "",
              f"Rank correlation, predicted vs measured MSE over the DP sweep: {rho:.3f}" if rho is not None else
              "Rank correlation: too few distinct points"]
     if "target" in result:

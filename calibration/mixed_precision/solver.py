@@ -33,6 +33,8 @@ class Problem:
 
     ``extra_pairs`` holds interactions between non-consecutive modules, ``{(i, k): matrix}`` with
     ``i + 1 < k``: the chain DP ignores them, :meth:`cost` and :func:`local_search` count them.
+    ``offset`` is the model's constant term (the cost of the point it is expanded around), in every
+    :meth:`cost`; it moves no optimum.
     """
 
     unary: list[np.ndarray]
@@ -40,6 +42,7 @@ class Problem:
     pair: list[np.ndarray] = field(default_factory=list)
     extra_pairs: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         self.unary = [np.asarray(u, dtype=np.float64) for u in self.unary]
@@ -71,7 +74,7 @@ class Problem:
 
     def cost(self, choice: list[int]) -> float:
         """The quadratic model's cost of a configuration (every term, consecutive or not)."""
-        total = sum(self.unary[i][j] for i, j in enumerate(choice))
+        total = self.offset + sum(self.unary[i][j] for i, j in enumerate(choice))
         total += sum(self.pair[i][choice[i], choice[i + 1]] for i in range(self.n - 1))
         total += sum(np.asarray(p)[choice[i], choice[k]] for (i, k), p in self.extra_pairs.items())
         return float(total)
