@@ -35,7 +35,8 @@ def _add_common(parser: argparse.ArgumentParser, schemes: bool = True) -> None:
     parser.add_argument("--model-path", help="SDXL checkpoint directory (profile sdxl)")
     if schemes:
         parser.add_argument("--schemes", default=ANNA_SCHEMES,
-                            help=f"comma-separated UNet recipes to choose among (default ANNA's: {ANNA_SCHEMES})")
+                            help=f"comma-separated UNet recipes to choose among (default ANNA's: {ANNA_SCHEMES}; on "
+                                 "the testbed fp8 alone chooses better near the all-FP8 size: docs/mixed-precision.md)")
     parser.add_argument("--calibration-captions", help="calibration captions (default: the profile's)")
     parser.add_argument("--num-prompts", type=int_at_least(1), default=8, help="calibration prompts (default 8)")
     parser.add_argument("--timesteps", help="captured steps: all | uniform:K | list:... (default: the first scheme's)")
