@@ -328,6 +328,7 @@ def test_mixed_precision_command_writes_configurations_that_fake_quant_and_ort_r
 
     from backends import BackendOptions, create_backend
     from harness.cli import main
+    from quant.encodings import Encodings
     from quant.quantizers import sqnr_db
     from sdxl.models import model_spec
 
@@ -343,6 +344,13 @@ def test_mixed_precision_command_writes_configurations_that_fake_quant_and_ort_r
     assert dp["percent_of_fp16"] <= 70.0 and dp["measured_sqnr_db"] > result["points"][0]["measured_sqnr_db"]
     assert result["target"]["smallest"]["label"] == "70%" and "| 70% | dp |" in capsys.readouterr().out
     path = out / "encodings" / "dp-70.json"
+    # its recipe, calibrated on the same data, writes the same entries (w8a16's for the groups on it)
+    assert main(["calibrate", "--profile", "testbed", "--recipe", str(out / "encodings" / "dp-70.yaml"),
+                 "--num-prompts", "1", "--timesteps", "single", "--sqnr-samples", "0", "--output",
+                 str(tmp_path / "again.json"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    written, again = Encodings.load(path).components["unet"], Encodings.load(tmp_path / "again.json").components["unet"]
+    assert written.keys() == again.keys() and all(written[k] == again[k] for k in written)
+    assert any(option == "w8a16" for option in dp["choice"].values()) and dp["fp16_groups"]
     spec = model_spec("testbed")
     torch_backend = create_backend("torch", spec, BackendOptions(encodings=str(path), show_progress=False))
     ort_backend = create_backend("ort", spec, BackendOptions(encodings=str(path), show_progress=False,

@@ -5,7 +5,8 @@ under every scheme alone (and consecutive pairs): ``<output>/sensitivity.json`` 
 run resumes from) and ``sensitivity.csv``. ``mixed-precision`` reuses it, sweeps size budgets (% of
 FP16), solves each with the DP (and the greedy and random-FP16 baselines), measures every configuration
 (output MSE/SQNR vs FP32 on the calibration samples), and writes ``mixed_precision.{json,md}``, the
-Pareto plot and the DP configurations as encodings files every backend loads.
+Pareto plot and the DP configurations as encodings files every backend loads, each with the recipe
+that reproduces it.
 """
 
 from __future__ import annotations
@@ -227,7 +228,18 @@ def run_mixed_precision(args: argparse.Namespace) -> int:
 def mixed_precision(args: argparse.Namespace, prepared: Prepared):
     """The sweep on ``prepared``: its sensitivity, the configurations (measured) and the result written to
     ``<output>/mixed_precision.{json,md}`` and ``pareto.png``; returns ``(sensitivity, points, output)``."""
-    from .search import budget_model, configuration_entries, measure_configuration, rank_correlation, sweep
+    import yaml
+
+    from calibration.recipes import load_recipe
+
+    from .search import (
+        budget_model,
+        configuration_entries,
+        configuration_recipe,
+        measure_configuration,
+        rank_correlation,
+        sweep,
+    )
     from .sensitivity import OutputRecorder
 
     started = time.time()
@@ -240,14 +252,21 @@ def mixed_precision(args: argparse.Namespace, prepared: Prepared):
     points = sweep(sensitivity, sizes, _percents(args, smallest), baseline, args.random_draws,
                    constraint=args.constraint)
     reference = OutputRecorder(unet, loop, args.samples)()
+    recipes = {name: load_recipe(name).for_component("unet") for name in sensitivity.schemes}
     output = Path(args.output)
     (output / "encodings").mkdir(exist_ok=True)
     for point in points:
         entries = configuration_entries(point.choice, schemes, sensitivity.layers)
         point.measured_mse, point.measured_sqnr_db = measure_configuration(unet, entries, loop, args.samples, reference)
         if point.method == "dp":
-            save_configuration(output / "encodings" / f"dp-{point.label.rstrip('%')}.json", point, entries,
-                               sensitivity.schemes, spec, unet, data)
+            stem = output / "encodings" / f"dp-{point.label.rstrip('%')}"
+            save_configuration(stem.with_suffix(".json"), point, entries, sensitivity.schemes, spec, unet, data)
+            recipe = configuration_recipe(point.choice, recipes, sensitivity.layers, unet,
+                                          f"mixed-precision-dp-{point.label.rstrip('%')}")
+            write_text_atomic(stem.with_suffix(".yaml"), f"# written by ./run.sh mixed-precision: {point.label} "
+                              f"DP configuration; ./run.sh calibrate --recipe {stem.with_suffix('.yaml')} on the same "
+                              f"calibration data writes {stem.with_suffix('.json').name}'s entries\n"
+                              + yaml.safe_dump(recipe, sort_keys=False))
     dp = [p for p in points if p.method == "dp"]
     result: dict[str, Any] = {
         "mixed_precision_json_version": 1, "profile": spec.profile, "schemes": sensitivity.schemes,

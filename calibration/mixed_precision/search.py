@@ -20,6 +20,7 @@ import torch
 
 from quant.encodings import parse_key
 
+from ..recipes import Recipe
 from .sensitivity import FP16, Entries, ForwardLoop, OutputRecorder, QuantizedLayers, Sensitivity, output_error
 from .solver import Infeasible, Problem, Solution, greedy, solve_dp
 
@@ -94,6 +95,41 @@ def configuration_entries(choice: Mapping[str, str], schemes: Mapping[str, Entri
             if group is not None and choice.get(group) == scheme:
                 entries[key] = value
     return entries
+
+
+def configuration_recipe(choice: Mapping[str, str], recipes: Mapping[str, Recipe], group_layers: Mapping[str, list[str]],
+                         module: torch.nn.Module, name: str) -> dict[str, Any]:
+    """A choice as a recipe (JSON) that ``calibrate`` turns into the configuration's entries.
+
+    Nothing is quantized by default; one override per set of layers with the same quantizers names
+    each layer a chosen scheme quantizes (``recipes[scheme].plan(module)``, so a scheme's own excludes
+    and overrides carry over) with that scheme's quantizers; FP16 groups are simply not named. Every
+    scheme is calibrated on the same FP32 activations, so this recipe, calibrated on the same data,
+    writes the same entries.
+    """
+    plans = {}
+    for scheme in sorted({o for o in choice.values() if o != FP16}):
+        plans[scheme] = {plan.name: plan for plan in recipes[scheme].plan(module)[0]}
+    by_spec: dict[str, dict[str, Any]] = {}
+    for group, option in choice.items():
+        for layer in group_layers[group]:
+            plan = plans.get(option, {}).get(layer)
+            if plan is None:
+                continue
+            if plan.channel_groups or plan.operand_inputs:
+                raise ValueError(f"{option}: {layer} is quantized in channel groups or per operand, which a "
+                                 "mixed-precision recipe does not express")
+            slots = {"weights": plan.weights, "inputs": plan.inputs, "outputs": plan.outputs}
+            key = repr(sorted((k, v.to_json() if v else None) for k, v in slots.items()))
+            by_spec.setdefault(key, {**slots, "match": []})["match"].append(layer)
+    first = recipes[next(iter(recipes))]
+    types = tuple(dict.fromkeys(t for r in recipes.values() for t in r.types))
+    kept = sum(1 for o in choice.values() if o == FP16)
+    recipe = Recipe(name=name, description=f"{len(choice) - kept} groups on {', '.join(plans) or 'no scheme'}, {kept} "
+                                           "FP16 (the mixed-precision search's choice)",
+                    components=first.components, types=types, overrides=list(by_spec.values()),
+                    calibration=dict(first.calibration))
+    return recipe.to_json()
 
 
 def measure_configuration(module: torch.nn.Module, entries: Entries, forward_loop: ForwardLoop, samples: int,
