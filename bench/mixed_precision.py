@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT_DIR = ROOT / "results" / "bench"
 
-from accuracy.fidelity import psnr_ssim  # noqa: E402
 from harness.study import format_interval, paired_interval  # noqa: E402
 from sdxl.io import format_table, write_json_atomic  # noqa: E402
 from sdxl.system_info import isa_summary, system_description  # noqa: E402
@@ -138,29 +137,14 @@ def main() -> int:
 def _end_to_end(opts, spec, unet, schemes, sensitivity, data, configurations) -> dict:
     """Images of each configuration on ``--images`` validation captions against FP32's; per caption, so that
     every row's PSNR and caption accuracy carry a paired 95% interval against the first row (uniform ``fp8``)."""
-    from backends import BackendOptions, create_backend
     from calibration.mixed_precision.commands import save_configuration
+    from calibration.mixed_precision.images import ImageFidelity, mean_psnr
     from calibration.mixed_precision.search import configuration_entries
-    from sdxl.dataset import load_captions
-    from sdxl.latents import draw_latent
-    from sdxl.models import load_tokenizers, profile_default
-    from sdxl.pipeline import SDXLPipeline
-    from sdxl.progress import progress
-    from sdxl.tokenizers import tokenize
     from testbed.checker import judge, summarize_verdicts
 
-    captions = load_captions(profile_default(opts.profile, "default_captions")).captions[:opts.images]
-    tokenizers = load_tokenizers(spec)
-    latent = draw_latent(spec.latent_size)
-    ids = [tokenize(t, captions) for t in tokenizers]
+    fidelity = ImageFidelity(spec, opts.images)
+    captions = fidelity.captions
     scratch = Path(tempfile.mkdtemp(prefix="mp-bench-"))
-
-    def images(encodings: Path | None, label: str) -> np.ndarray:
-        backend = create_backend("torch", spec, BackendOptions(show_progress=False,
-                                                               encodings=str(encodings) if encodings else None))
-        pipeline = SDXLPipeline(backend, spec, tokenizers)
-        return np.concatenate([pipeline.generate(*(i[s:s + 16] for i in ids), latent)
-                               for s in progress(range(0, len(captions), 16), desc=label)])
 
     def verdicts(generated: np.ndarray) -> list[dict[str, bool]]:  # the checker reads testbed captions only
         return [judge(c, im) for c, im in zip(captions, generated)] if spec.profile == "testbed" else []
@@ -168,22 +152,22 @@ def _end_to_end(opts, spec, unet, schemes, sensitivity, data, configurations) ->
     def accuracy(judged: list[dict[str, bool]]) -> float | None:
         return summarize_verdicts(captions, judged)["overall"]["all"] if judged else None
 
-    fp32 = images(None, "FP32")
     rows = [{"label": "FP32", "method": "-", "percent_of_fp16": 100.0, "fp16_groups": len(sensitivity.groups),
-             "measured_sqnr_db": float("inf"), "psnr_db": float("inf"), "caption_accuracy": accuracy(verdicts(fp32))}]
+             "measured_sqnr_db": float("inf"), "psnr_db": float("inf"),
+             "caption_accuracy": accuracy(verdicts(fidelity.reference))}]
     per_caption = []  # (psnr per caption, correct per caption) of each configuration
     for index, point in enumerate(configurations):
         path = save_configuration(scratch / f"{index}.json", point,
                                   configuration_entries(point.choice, schemes, sensitivity.layers),
                                   sensitivity.schemes, spec, unet, data)
-        generated = images(path, f"{point.label} {point.method}")
-        psnr = np.array([psnr_ssim(a, b)[0] for a, b in zip(generated, fp32)], dtype=np.float64)
+        generated = fidelity.images(path, f"{point.label} {point.method}")
+        psnr = fidelity.psnr(generated)
         judged = verdicts(generated)
         correct = np.array([float(v["all"]) for v in judged])
         per_caption.append((psnr, correct))
         row = {"label": point.label, "method": point.method, "percent_of_fp16": point.percent_of_fp16,
                "fp16_groups": len(point.fp16_groups), "measured_sqnr_db": point.measured_sqnr_db,
-               "psnr_db": float(np.mean(psnr[np.isfinite(psnr)])) if np.isfinite(psnr).any() else float("inf"),
+               "psnr_db": mean_psnr(psnr),
                "caption_accuracy": accuracy(judged)}
         if index > 0 and np.isfinite(psnr).all() and np.isfinite(per_caption[0][0]).all():
             row["psnr_vs_uniform"] = paired_interval(psnr, per_caption[0][0])

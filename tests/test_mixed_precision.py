@@ -334,18 +334,21 @@ def test_mixed_precision_command_writes_configurations_that_fake_quant_and_ort_r
 
     out = tmp_path / "mp"
     assert main(["mixed-precision", "--profile", "testbed", "--schemes", "w8a8,w8a16", "--num-prompts", "1",
-                 "--timesteps", "single", "--samples", "1", "--pairs", "same", "--percents", "70",
-                 "--random-draws", "1", "--target-sqnr", "0", "--output", str(out),
+                 "--timesteps", "single", "--samples", "1", "--pairs", "same", "--percents", "70.5",
+                 "--random-draws", "1", "--target-sqnr", "0", "--target-psnr", "0", "--target-images", "2",
+                 "--output", str(out),
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     result = json.loads((out / "mixed_precision.json").read_text())
     methods = [p["method"] for p in result["points"]]
     assert methods[:3] == ["uniform", "dp", "greedy"] and methods[3].startswith("random-fp16")
     dp = result["points"][1]
-    assert dp["percent_of_fp16"] <= 70.0 and dp["measured_sqnr_db"] > result["points"][0]["measured_sqnr_db"]
-    assert result["target"]["smallest"]["label"] == "70%" and "| 70% | dp |" in capsys.readouterr().out
-    path = out / "encodings" / "dp-70.json"
+    assert dp["percent_of_fp16"] <= 70.5 and dp["measured_sqnr_db"] > result["points"][0]["measured_sqnr_db"]
+    assert result["target"]["smallest"]["label"] == "70.5%" and "| 70.5% | dp |" in capsys.readouterr().out
+    psnr = result["target_psnr"]  # the 70.5% configuration's images, generated: a finite PSNR, above 0 dB
+    assert psnr["smallest"]["label"] == "70.5%" and 0 < psnr["smallest"]["psnr_db"] < float("inf")
+    path = out / "encodings" / "dp-70.5.json"
     # its recipe, calibrated on the same data, writes the same entries (w8a16's for the groups on it)
-    assert main(["calibrate", "--profile", "testbed", "--recipe", str(out / "encodings" / "dp-70.yaml"),
+    assert main(["calibrate", "--profile", "testbed", "--recipe", str(out / "encodings" / "dp-70.5.yaml"),
                  "--num-prompts", "1", "--timesteps", "single", "--sqnr-samples", "0", "--output",
                  str(tmp_path / "again.json"), "--cache-dir", str(tmp_path / "cache")]) == 0
     written, again = Encodings.load(path).components["unet"], Encodings.load(tmp_path / "again.json").components["unet"]

@@ -74,6 +74,10 @@ def register(subparsers) -> None:
     mixed.add_argument("--baseline", help="the uniform scheme the budgets grow from (default: the first scheme)")
     mixed.add_argument("--target-sqnr", type=float, help="report the smallest DP configuration whose measured "
                                                          "output SQNR reaches this (dB)")
+    mixed.add_argument("--target-psnr", type=float, help="report the smallest DP configuration whose images reach this "
+                                                         "mean PSNR against FP32's (dB), verified by generating them")
+    mixed.add_argument("--target-images", type=int_at_least(1), default=32,
+                       help="validation captions --target-psnr generates per configuration (default 32)")
     mixed.add_argument("--random-draws", type=int_at_least(0), default=5,
                        help="random-FP16 baselines per budget (default 5)")
     mixed.set_defaults(func=run_mixed_precision)
@@ -259,14 +263,13 @@ def mixed_precision(args: argparse.Namespace, prepared: Prepared):
         entries = configuration_entries(point.choice, schemes, sensitivity.layers)
         point.measured_mse, point.measured_sqnr_db = measure_configuration(unet, entries, loop, args.samples, reference)
         if point.method == "dp":
-            stem = output / "encodings" / f"dp-{point.label.rstrip('%')}"
-            save_configuration(stem.with_suffix(".json"), point, entries, sensitivity.schemes, spec, unet, data)
-            recipe = configuration_recipe(point.choice, recipes, sensitivity.layers, unet,
-                                          f"mixed-precision-dp-{point.label.rstrip('%')}")
-            write_text_atomic(stem.with_suffix(".yaml"), f"# written by ./run.sh mixed-precision: {point.label} "
-                              f"DP configuration; ./run.sh calibrate --recipe {stem.with_suffix('.yaml')} on the same "
-                              f"calibration data writes {stem.with_suffix('.json').name}'s entries\n"
-                              + yaml.safe_dump(recipe, sort_keys=False))
+            stem = f"dp-{point.label.rstrip('%')}"  # e.g. dp-51.5061: no with_suffix, the label has a dot
+            encodings_path, recipe_path = output / "encodings" / f"{stem}.json", output / "encodings" / f"{stem}.yaml"
+            save_configuration(encodings_path, point, entries, sensitivity.schemes, spec, unet, data)
+            recipe = configuration_recipe(point.choice, recipes, sensitivity.layers, unet, f"mixed-precision-{stem}")
+            write_text_atomic(recipe_path, f"# written by ./run.sh mixed-precision: {point.label} DP configuration; "
+                              f"./run.sh calibrate --recipe {recipe_path} on the same calibration data writes "
+                              f"{encodings_path.name}'s entries\n" + yaml.safe_dump(recipe, sort_keys=False))
     dp = [p for p in points if p.method == "dp"]
     result: dict[str, Any] = {
         "mixed_precision_json_version": 1, "profile": spec.profile, "schemes": sensitivity.schemes,
@@ -284,10 +287,29 @@ def mixed_precision(args: argparse.Namespace, prepared: Prepared):
         meeting = [p for p in dp if p.measured_sqnr_db is not None and p.measured_sqnr_db >= args.target_sqnr]
         result["target"] = {"sqnr_db": args.target_sqnr,
                             "smallest": min(meeting, key=lambda p: p.percent_of_fp16).to_json() if meeting else None}
+    if args.target_psnr is not None:
+        result["target_psnr"] = verify_psnr_target(spec, dp, output / "encodings", args.target_psnr, args.target_images)
     write_json_atomic(output / "mixed_precision.json", result)
     _write_table(output, points, result)
     _write_plot(output / "pareto.png", points)
     return sensitivity, points, output
+
+
+def verify_psnr_target(spec, dp: list, encodings: Path, target: float, count: int) -> dict[str, Any]:
+    """The DP configurations, smallest first, generated on ``count`` captions until one's mean image PSNR
+    against FP32 reaches ``target``: the smallest that does (None if none), and every one checked."""
+    from .images import ImageFidelity, mean_psnr
+
+    fidelity = ImageFidelity(spec, count)
+    checked = []
+    for point in sorted(dp, key=lambda p: p.percent_of_fp16):
+        path = encodings / f"dp-{point.label.rstrip('%')}.json"
+        psnr = mean_psnr(fidelity.psnr(fidelity.images(path, f"{point.label} images")))
+        checked.append({"label": point.label, "percent_of_fp16": point.percent_of_fp16, "psnr_db": psnr,
+                        "encodings": str(path)})
+        if psnr >= target:
+            return {"psnr_db": target, "images": count, "checked": checked, "smallest": checked[-1]}
+    return {"psnr_db": target, "images": count, "checked": checked, "smallest": None}
 
 
 def save_configuration(path: Path, point, entries, schemes: list[str], spec, unet, data) -> Path:
@@ -335,6 +357,13 @@ def _write_table(output: Path, points, result: dict) -> None:
         lines.append(f"Smallest DP configuration with output SQNR >= {result['target']['sqnr_db']} dB: " +
                      (f"{best['label']} ({best['percent_of_fp16']:.2f}% of FP16, {len(best['fp16_groups'])} groups FP16)"
                       if best else "none in the sweep"))
+    if "target_psnr" in result:
+        target = result["target_psnr"]
+        best = target["smallest"]
+        lines.append(f"Smallest DP configuration with mean image PSNR >= {target['psnr_db']} dB against FP32 "
+                     f"({target['images']} captions, generated): " +
+                     (f"{best['label']} ({best['percent_of_fp16']:.2f}% of FP16, {best['psnr_db']:.2f} dB)" if best else
+                      f"none in the sweep (best {max(c['psnr_db'] for c in target['checked']):.2f} dB)"))
     write_text_atomic(output / "mixed_precision.md", "\n".join(lines) + "\n")
 
 
