@@ -404,3 +404,16 @@ def test_bitops_prices_16_bit_activations_that_weight_size_calls_free():
         assert sensitivity.bits[group]["w8a8"] == sensitivity.bits[group]["w8a16"]
         assert sensitivity.bitops[group] == {"fp16": 256 * macs, "w8a8": 64 * macs, "w8a16": 128 * macs}
     assert sensitivity.problem("bitops").size[0].tolist() == [256 * macs, 64 * macs, 128 * macs]
+
+
+def test_the_target_check_computes_psnr_as_the_accuracy_package_does():
+    from accuracy.fidelity import psnr_ssim
+    from calibration.mixed_precision.images import image_psnr
+
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    generated = np.clip(reference.astype(int) + rng.integers(-9, 10, reference.shape), 0, 255).astype(np.uint8)
+    generated[2] = reference[2]
+    ours = image_psnr(generated, reference)
+    assert ours[2] == np.inf
+    assert ours[:2] == pytest.approx([psnr_ssim(a, b)[0] for a, b in zip(generated[:2], reference[:2])], abs=1e-4)

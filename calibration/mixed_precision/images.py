@@ -47,9 +47,21 @@ class ImageFidelity:
 
     def psnr(self, generated: np.ndarray) -> np.ndarray:
         """Per caption, the PSNR (dB) of ``generated`` against FP32's image (inf where identical)."""
-        from accuracy.fidelity import psnr_ssim
+        return image_psnr(generated, self.reference)
 
-        return np.array([psnr_ssim(a, b)[0] for a, b in zip(generated, self.reference)], dtype=np.float64)
+
+def image_psnr(generated: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per image of two (N, H, W, 3) uint8 batches, ``10 log10(255² / MSE)`` (inf where identical).
+
+    The definition ``accuracy.fidelity`` computes through torchmetrics (that package sits above this
+    one, so it is not imported here; a test holds the two equal).
+    """
+    if generated.shape != reference.shape:
+        raise ValueError(f"image shapes differ: {generated.shape} vs {reference.shape}")
+    diff = generated.astype(np.float64) - reference.astype(np.float64)
+    mse = (diff ** 2).reshape(len(diff), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return np.where(mse == 0, np.inf, 10.0 * np.log10(255.0 ** 2 / mse))
 
 
 def mean_psnr(per_caption: np.ndarray) -> float:
