@@ -263,7 +263,7 @@ def mixed_precision(args: argparse.Namespace, prepared: Prepared):
         entries = configuration_entries(point.choice, schemes, sensitivity.layers)
         point.measured_mse, point.measured_sqnr_db = measure_configuration(unet, entries, loop, args.samples, reference)
         if point.method == "dp":
-            stem = f"dp-{point.label.rstrip('%')}"  # e.g. dp-51.5061: no with_suffix, the label has a dot
+            stem = dp_stem(point)
             encodings_path, recipe_path = output / "encodings" / f"{stem}.json", output / "encodings" / f"{stem}.yaml"
             save_configuration(encodings_path, point, entries, sensitivity.schemes, spec, unet, data)
             recipe = configuration_recipe(point.choice, recipes, sensitivity.layers, unet, f"mixed-precision-{stem}")
@@ -295,6 +295,12 @@ def mixed_precision(args: argparse.Namespace, prepared: Prepared):
     return sensitivity, points, output
 
 
+def dp_stem(point) -> str:
+    """A DP configuration's file name stem, ``dp-51.5061`` for the 51.5061% budget (no ``with_suffix``:
+    the label has a dot)."""
+    return f"dp-{point.label.rstrip('%')}"
+
+
 def verify_psnr_target(spec, dp: list, encodings: Path, target: float, count: int) -> dict[str, Any]:
     """The DP configurations, smallest first, generated on ``count`` captions until one's mean image PSNR
     against FP32 reaches ``target``: the smallest that does (None if none), and every one checked."""
@@ -303,13 +309,14 @@ def verify_psnr_target(spec, dp: list, encodings: Path, target: float, count: in
     fidelity = ImageFidelity(spec, count)
     checked = []
     for point in sorted(dp, key=lambda p: p.percent_of_fp16):
-        path = encodings / f"dp-{point.label.rstrip('%')}.json"
+        path = encodings / f"{dp_stem(point)}.json"
         psnr = mean_psnr(fidelity.psnr(fidelity.images(path, f"{point.label} images")))
         checked.append({"label": point.label, "percent_of_fp16": point.percent_of_fp16, "psnr_db": psnr,
                         "encodings": str(path)})
         if psnr >= target:
-            return {"psnr_db": target, "images": count, "checked": checked, "smallest": checked[-1]}
-    return {"psnr_db": target, "images": count, "checked": checked, "smallest": None}
+            break
+    return {"psnr_db": target, "images": len(fidelity.captions), "checked": checked,
+            "smallest": checked[-1] if checked and checked[-1]["psnr_db"] >= target else None}
 
 
 def save_configuration(path: Path, point, entries, schemes: list[str], spec, unet, data) -> Path:
@@ -363,7 +370,7 @@ def _write_table(output: Path, points, result: dict) -> None:
         lines.append(f"Smallest DP configuration with mean image PSNR >= {target['psnr_db']} dB against FP32 "
                      f"({target['images']} captions, generated): " +
                      (f"{best['label']} ({best['percent_of_fp16']:.2f}% of FP16, {best['psnr_db']:.2f} dB)" if best else
-                      f"none in the sweep (best {max(c['psnr_db'] for c in target['checked']):.2f} dB)"))
+                      f"none in the sweep (best {max((c['psnr_db'] for c in target['checked']), default=float('nan')):.2f} dB)"))
     write_text_atomic(output / "mixed_precision.md", "\n".join(lines) + "\n")
 
 
