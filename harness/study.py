@@ -266,7 +266,7 @@ def _collect(rows: list[StudyRow], encodings: dict, reference: Path) -> None:
         compare = _read_json(row.run_dir / "compare" / "compare.json")
         metrics["images_per_s"] = _images_per_s(run.get("tests", []))
         metrics["psnr_db"] = float("inf") if row.run_dir == reference else (compare.get("psnr_db") or {}).get("mean")
-        for key in ("testbed_clip", "testbed_fid", "fid", "clip_score", "n_images"):
+        for key in ("testbed_clip", "testbed_fid", "fid", "clip_score", "n_images", "verdict"):
             if accuracy.get(key) is not None:
                 metrics[key] = accuracy[key]
         if accuracy.get("caption_accuracy"):
@@ -301,7 +301,7 @@ def table_rows(rows: list[StudyRow]) -> tuple[list[str], list[list[str]]]:
     testbed = any("testbed_clip" in r.metrics for r in rows)
     header = ["recipe", "backend", "UNet % of FP16", "SQNR dB (UNet; others)", "PSNR vs FP32 dB"]
     header += (["testbed-CLIP", "testbed-FID", "caption acc %", "Δ acc vs FP32, pts [95% CI]",
-                "Δ testbed-CLIP [95% CI]"] if testbed else ["FID", "CLIP"])
+                "Δ testbed-CLIP [95% CI]"] if testbed else ["FID", "CLIP", "MLPerf verdict"])
     header += ["images/s", "note"]
     out = []
     for row in rows:
@@ -316,7 +316,7 @@ def table_rows(rows: list[StudyRow]) -> tuple[list[str], list[list[str]]]:
                       _fmt(100 * m["caption_accuracy"], 1) if m.get("caption_accuracy") is not None else "-",
                       format_interval(delta.get("caption_accuracy"), 100), format_interval(delta.get("testbed_clip"), 1, 2)]
         else:
-            cells += [_fmt(m.get("fid")), _fmt(m.get("clip_score"))]
+            cells += [_fmt(m.get("fid")), _fmt(m.get("clip_score")), m.get("verdict") or "-"]
         cells += [_fmt(m.get("images_per_s")), row.error or ""]
         out.append(cells)
     return header, out

@@ -69,6 +69,88 @@ def test_a_budget_below_the_smallest_configuration_is_infeasible():
         Problem(unary=[[0, 1.0]], size=[[16]])
 
 
+def test_a_restricted_instance_is_solved_over_its_options_only():
+    rng = np.random.default_rng(3)
+    problem = _random_problem(rng, 6, 4, integer_sizes=True)
+    options = [0, 2]
+    sub = problem.restricted(options)
+    budget = sub.smallest_size() + 12
+    dp = solve_dp(sub, budget, unit=1.0)
+    assert dp.cost == pytest.approx(brute_force(sub, budget).cost, abs=1e-9)
+    full = [options[j] for j in dp.choice]
+    assert set(full) <= set(options) and problem.cost(full) == pytest.approx(dp.cost)
+
+
+def _coherent_clipping_case():
+    """Six groups, schemes ``fp8`` (rounding noise, variance 1 per group, adding incoherently) and ``clip``
+    (variance 0.1 and a bias of 0.8 of one sign): alone, clip costs 0.74 < 1, so a quadratic model built
+    from groups measured alone prefers it everywhere; together k clipped groups cost (0.8 k)² + 0.1 k."""
+    from calibration.mixed_precision.sensitivity import Sensitivity
+
+    groups = [f"g{i}" for i in range(6)]
+
+    def true_mse(choice: dict[str, str]) -> float:
+        clipped = sum(1 for o in choice.values() if o == "clip")
+        return (0.8 * clipped) ** 2 + 0.1 * clipped + sum(1.0 for o in choice.values() if o == "fp8")
+
+    alone = {g: {s: {"mse": true_mse({g: s}), "sqnr_db": 0.0} for s in ("fp8", "clip")} for g in groups}
+    cost = {g: {"fp16": 16.0, "fp8": 8.0, "clip": 8.0} for g in groups}
+    return Sensitivity(groups, ["fp8", "clip"], unary=alone, bits=cost, bitops=cost), true_mse
+
+
+def test_the_measured_pick_keeps_the_single_scheme_dp_where_mixing_schemes_only_looks_better():
+    """The DP over both schemes clips every quantized group (the model adds their errors as measured alone);
+    measured, that is far worse than the DP over FP16 and fp8, which the measured pick reports."""
+    from calibration.mixed_precision.search import BitOpsModel, choose, sweep
+
+    sensitivity, true_mse = _coherent_clipping_case()
+    sizes = BitOpsModel(sensitivity)
+    points = sweep(sensitivity, sizes, [58.4], "fp8", constraint="bitops")  # room for one group in FP16
+    assert [p.method for p in points] == ["uniform", "dp", "dp[fp8]", "greedy"]  # dp[clip] is the DP's own choice
+    dp = {p.method: p for p in points if p.is_dp}
+    assert set(dp["dp"].choice.values()) == {"fp16", "clip"} and len(dp["dp"].fp16_groups) == 1
+    assert set(dp["dp[fp8]"].choice.values()) == {"fp16", "fp8"} and len(dp["dp[fp8]"].fp16_groups) == 1
+    assert dp["dp"].predicted_mse < dp["dp[fp8]"].predicted_mse  # the model's ranking
+    for point in points:
+        point.measured_mse = true_mse(point.choice)
+    assert dp["dp"].measured_mse == pytest.approx(16.5) and dp["dp[fp8]"].measured_mse == pytest.approx(5.0)
+    assert choose(points, "model") == [dp["dp"]] and dp["dp"].chosen
+    assert choose(points, "measured") == [dp["dp[fp8]"]] and dp["dp[fp8]"].chosen and not dp["dp"].chosen
+
+
+def test_candidates_equal_to_the_full_dp_are_dropped_and_targets_may_be_missed():
+    from calibration.mixed_precision.search import BitOpsModel, Configuration, smallest_meeting, sweep
+
+    sensitivity, _ = _coherent_clipping_case()
+    sensitivity.schemes = ["fp8"]  # one scheme: the full DP is the only candidate
+    points = sweep(sensitivity, BitOpsModel(sensitivity), [58.4, 40.0], "fp8", constraint="bitops")
+    assert [p.method for p in points] == ["uniform", "dp", "greedy"]  # 40% is below the all-fp8 size: skipped
+    small, large = (Configuration(str(p), "dp", {}, p, 0.0, image_psnr_db=db) for p, db in ((55.0, 30.0), (70.0, 40.0)))
+    assert smallest_meeting([large, small], "image_psnr_db", 29.0) is small
+    assert smallest_meeting([large, small], "image_psnr_db", 35.0) is large
+    assert smallest_meeting([large, small], "image_psnr_db", 45.0) is None
+
+
+def test_the_table_marks_the_reported_configuration_and_says_when_no_configuration_meets_the_target(tmp_path):
+    from calibration.mixed_precision.commands import _write_table
+    from calibration.mixed_precision.search import BitOpsModel, choose, sweep
+
+    sensitivity, true_mse = _coherent_clipping_case()
+    points = sweep(sensitivity, BitOpsModel(sensitivity), [58.4], "fp8", constraint="bitops")
+    for point in points:
+        point.measured_mse, point.measured_sqnr_db = true_mse(point.choice), 0.0
+    (chosen,) = choose(points)
+    chosen.image_psnr_db = 21.5
+    result = {"schemes": ["fp8", "clip"], "profile": "toy", "percent_of": "FP16 BitOps", "samples": 1,
+              "sensitivity": {"groups": 6, "unet_calls": 0, "seconds": 0}, "around": "fp32", "pairs": "none",
+              "pick": "measured", "rank_correlation_dp": None, "images": {"captions": 2, "fp32_caption_accuracy": None},
+              "target_psnr": {"psnr_db": 30.0, "images": 2, "best_psnr_db": 21.5, "smallest": None}}
+    _write_table(tmp_path, points, result)
+    table = (tmp_path / "mixed_precision.md").read_text()
+    assert "| 58.4% | dp[fp8] * |" in table and "| 58.4% | dp |" in table and "21.50" in table
+    assert "none in the sweep (best 21.50 dB)" in table
+
+
 # -- sensitivity -----------------------------------------------------------------------------------
 
 import torch  # noqa: E402
@@ -335,25 +417,30 @@ def test_mixed_precision_command_writes_configurations_that_fake_quant_and_ort_r
     out = tmp_path / "mp"
     assert main(["mixed-precision", "--profile", "testbed", "--schemes", "w8a8,w8a16", "--num-prompts", "1",
                  "--timesteps", "single", "--samples", "1", "--pairs", "same", "--percents", "70.5",
-                 "--random-draws", "1", "--target-sqnr", "0", "--target-psnr", "0", "--target-images", "2",
+                 "--random-draws", "1", "--target-sqnr", "0", "--target-psnr", "0", "--images", "2",
                  "--output", str(out),
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     result = json.loads((out / "mixed_precision.json").read_text())
     methods = [p["method"] for p in result["points"]]
-    assert methods[:3] == ["uniform", "dp", "greedy"] and methods[3].startswith("random-fp16")
-    dp = result["points"][1]
+    assert methods[:2] == ["uniform", "dp"] and "greedy" in methods and methods[-1].startswith("random-fp16")
+    candidates = [p for p in result["points"] if p["method"] == "dp" or p["method"].startswith("dp[")]
+    dp = next(p for p in candidates if p["chosen"])  # the measured pick: the lowest measured MSE
+    assert [p["chosen"] for p in candidates].count(True) == 1
+    assert dp["measured_mse"] == min(p["measured_mse"] for p in candidates)
     assert dp["percent_of_fp16"] <= 70.5 and dp["measured_sqnr_db"] > result["points"][0]["measured_sqnr_db"]
-    assert result["target"]["smallest"]["label"] == "70.5%" and "| 70.5% | dp |" in capsys.readouterr().out
+    assert result["target"]["smallest"]["label"] == "70.5%" and f"| 70.5% | {dp['method']} * |" in capsys.readouterr().out
     psnr = result["target_psnr"]  # the 70.5% configuration's images, generated: a finite PSNR, above 0 dB
-    assert psnr["smallest"]["label"] == "70.5%" and 0 < psnr["smallest"]["psnr_db"] < float("inf")
+    assert psnr["smallest"]["label"] == "70.5%" and 0 < psnr["smallest"]["image_psnr_db"] < float("inf")
+    uniform = result["points"][0]  # generated too (the Pareto plot's baseline), with the checker's accuracy
+    assert 0 < uniform["image_psnr_db"] < float("inf") and 0 <= uniform["caption_accuracy"] <= 1
     path = out / "encodings" / "dp-70.5.json"
-    # its recipe, calibrated on the same data, writes the same entries (w8a16's for the groups on it)
+    # its recipe, calibrated with no capture flags (it records the search's), writes the same entries
     assert main(["calibrate", "--profile", "testbed", "--recipe", str(out / "encodings" / "dp-70.5.yaml"),
-                 "--num-prompts", "1", "--timesteps", "single", "--sqnr-samples", "0", "--output",
+                 "--sqnr-samples", "0", "--output",
                  str(tmp_path / "again.json"), "--cache-dir", str(tmp_path / "cache")]) == 0
     written, again = Encodings.load(path).components["unet"], Encodings.load(tmp_path / "again.json").components["unet"]
     assert written.keys() == again.keys() and all(written[k] == again[k] for k in written)
-    assert any(option == "w8a16" for option in dp["choice"].values()) and dp["fp16_groups"]
+    assert dp["fp16_groups"] and set(dp["choice"].values()) - {"fp16"}
     spec = model_spec("testbed")
     torch_backend = create_backend("torch", spec, BackendOptions(encodings=str(path), show_progress=False))
     ort_backend = create_backend("ort", spec, BackendOptions(encodings=str(path), show_progress=False,

@@ -182,3 +182,17 @@ def test_study_bad_input_is_one_line_error_before_anything_runs(tmp_path, capsys
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_the_study_table_gives_mlperf_verdict_off_the_testbed(tmp_path):
+    """On real SDXL a study of the mixed-precision recipes is the FID/CLIP target check: the verdict column
+    (accuracy.json's) says which configurations sit inside MLPerf's window."""
+    from harness.study import StudyRow, table_rows
+
+    rows = [StudyRow("fp32", "torch", tmp_path, metrics={"fid": 23.1, "clip_score": 31.8, "verdict": "PASS"}),
+            StudyRow("mixed-precision-dp-51.5", "torch", tmp_path,
+                     metrics={"fid": 24.0, "clip_score": 31.5, "verdict": "FAIL"}),
+            StudyRow("w4a8", "torch", tmp_path, error="calibration failed")]
+    header, cells = table_rows(rows)
+    column = header.index("MLPerf verdict")
+    assert [c[column] for c in cells] == ["PASS", "FAIL", "-"]

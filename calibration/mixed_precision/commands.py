@@ -3,10 +3,11 @@
 ``sensitivity`` calibrates each scheme (recipe) on the UNet once, then measures every candidate group
 under every scheme alone (and consecutive pairs): ``<output>/sensitivity.json`` (the cache a killed
 run resumes from) and ``sensitivity.csv``. ``mixed-precision`` reuses it, sweeps size budgets (% of
-FP16), solves each with the DP (and the greedy and random-FP16 baselines), measures every configuration
-(output MSE/SQNR vs FP32 on the calibration samples), and writes ``mixed_precision.{json,md}``, the
-Pareto plot and the DP configurations as encodings files every backend loads, each with the recipe
-that reproduces it.
+FP16), solves each with the DP (over every scheme and over FP16 and each scheme alone; the greedy and
+random-FP16 baselines), measures every configuration (output MSE/SQNR vs FP32 on the calibration
+samples), reports per budget the DP candidate measured best, optionally generates the reported ones'
+images, and writes ``mixed_precision.{json,md}``, the Pareto plot and the reported configurations as
+encodings files every backend loads, each with the recipe that reproduces it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 from sdxl.arg_types import int_at_least
 from sdxl.errors import UserError
 from sdxl.io import atomic_path, check_writable_dir, format_table, write_json_atomic, write_text_atomic
+
+from .search import PICKS
 
 ANNA_SCHEMES = "fp8,fp8-p5-95,fp8-p10-90"
 
@@ -74,10 +77,16 @@ def register(subparsers) -> None:
     mixed.add_argument("--baseline", help="the uniform scheme the budgets grow from (default: the first scheme)")
     mixed.add_argument("--target-sqnr", type=float, help="report the smallest DP configuration whose measured "
                                                          "output SQNR reaches this (dB)")
+    mixed.add_argument("--pick", default="measured", choices=PICKS,
+                       help="which DP configuration a budget reports: measured (default; the lowest measured output "
+                            "MSE among the DP over every scheme and the DP over FP16 and each scheme alone) or "
+                            "model (the DP over every scheme, as the quadratic model ranks it)")
+    mixed.add_argument("--images", type=int_at_least(1),
+                       help="generate this many validation captions end to end for uniform and every reported DP "
+                            "configuration: image PSNR vs FP32 (and caption accuracy on the testbed) per budget, "
+                            "in the table and the Pareto plot (default: none; 32 with --target-psnr)")
     mixed.add_argument("--target-psnr", type=float, help="report the smallest DP configuration whose images reach this "
                                                          "mean PSNR against FP32's (dB), verified by generating them")
-    mixed.add_argument("--target-images", type=int_at_least(1), default=32,
-                       help="validation captions --target-psnr generates per configuration (default 32)")
     mixed.add_argument("--random-draws", type=int_at_least(0), default=5,
                        help="random-FP16 baselines per budget (default 5)")
     mixed.set_defaults(func=run_mixed_precision)
@@ -230,18 +239,22 @@ def run_mixed_precision(args: argparse.Namespace) -> int:
 
 
 def mixed_precision(args: argparse.Namespace, prepared: Prepared):
-    """The sweep on ``prepared``: its sensitivity, the configurations (measured) and the result written to
-    ``<output>/mixed_precision.{json,md}`` and ``pareto.png``; returns ``(sensitivity, points, output)``."""
+    """The sweep on ``prepared``: its sensitivity, the configurations (measured, the reported DP ones
+    chosen, their images with ``--images``) and the result written to ``<output>/mixed_precision.{json,md}``
+    and ``pareto.png``; returns ``(sensitivity, points, output)``."""
     import yaml
 
     from calibration.recipes import load_recipe
 
     from .search import (
         budget_model,
+        choose,
         configuration_entries,
         configuration_recipe,
         measure_configuration,
+        random_baselines,
         rank_correlation,
+        smallest_meeting,
         sweep,
     )
     from .sensitivity import OutputRecorder
@@ -253,45 +266,66 @@ def mixed_precision(args: argparse.Namespace, prepared: Prepared):
     baseline = args.baseline or sensitivity.schemes[0]
     costs = sensitivity.bits if args.constraint == "size" else sensitivity.bitops
     smallest = sizes.percent(sum(min(c.values()) for c in costs.values()))
-    points = sweep(sensitivity, sizes, _percents(args, smallest), baseline, args.random_draws,
-                   constraint=args.constraint)
+    points = sweep(sensitivity, sizes, _percents(args, smallest), baseline, constraint=args.constraint)
     reference = OutputRecorder(unet, loop, args.samples)()
+
+    def measure_all(configurations):
+        for point in configurations:
+            entries = configuration_entries(point.choice, schemes, sensitivity.layers)
+            point.measured_mse, point.measured_sqnr_db = measure_configuration(unet, entries, loop, args.samples,
+                                                                               reference)
+        return configurations
+
+    measure_all(points)
+    dp = choose(points, args.pick)
+    for point in dp:  # random FP16 picks of the reported configuration's count, after the budget's other points
+        randoms = measure_all(random_baselines(sensitivity, sizes, point, baseline, args.random_draws, args.constraint))
+        last = max(i for i, p in enumerate(points) if p.label == point.label)
+        points[last + 1:last + 1] = randoms
     recipes = {name: load_recipe(name).for_component("unet") for name in sensitivity.schemes}
+    capture = {"num_prompts": args.num_prompts, **({"timesteps": args.timesteps} if args.timesteps else {})}
     output = Path(args.output)
     (output / "encodings").mkdir(exist_ok=True)
-    for point in points:
+    for point in dp:
         entries = configuration_entries(point.choice, schemes, sensitivity.layers)
-        point.measured_mse, point.measured_sqnr_db = measure_configuration(unet, entries, loop, args.samples, reference)
-        if point.method == "dp":
-            stem = dp_stem(point)
-            encodings_path, recipe_path = output / "encodings" / f"{stem}.json", output / "encodings" / f"{stem}.yaml"
-            save_configuration(encodings_path, point, entries, sensitivity.schemes, spec, unet, data)
-            recipe = configuration_recipe(point.choice, recipes, sensitivity.layers, unet, f"mixed-precision-{stem}")
-            write_text_atomic(recipe_path, f"# written by ./run.sh mixed-precision: {point.label} DP configuration; "
-                              f"./run.sh calibrate --recipe {recipe_path} on the same calibration data writes "
-                              f"{encodings_path.name}'s entries\n" + yaml.safe_dump(recipe, sort_keys=False))
-    dp = [p for p in points if p.method == "dp"]
+        stem = dp_stem(point)
+        encodings_path, recipe_path = output / "encodings" / f"{stem}.json", output / "encodings" / f"{stem}.yaml"
+        save_configuration(encodings_path, point, entries, sensitivity.schemes, spec, unet, data)
+        recipe = configuration_recipe(point.choice, recipes, sensitivity.layers, unet, f"mixed-precision-{stem}",
+                                      capture)
+        write_text_atomic(recipe_path, f"# written by ./run.sh mixed-precision: {point.label} DP configuration "
+                          f"({point.method}); ./run.sh calibrate --recipe {recipe_path} (with the same calibration "
+                          f"captions) writes {encodings_path.name}'s entries\n" + yaml.safe_dump(recipe, sort_keys=False))
+    model_dp = [p for p in points if p.method == "dp"]
     result: dict[str, Any] = {
-        "mixed_precision_json_version": 1, "profile": spec.profile, "schemes": sensitivity.schemes,
+        "mixed_precision_json_version": 2, "profile": spec.profile, "schemes": sensitivity.schemes,
         "baseline": baseline, "samples": args.samples, "scores": args.scores,
         "pairs": "none" if args.scores == "gradient" else args.pairs, "around": sensitivity.around or "fp32",
-        "constraint": args.constraint,
+        "constraint": args.constraint, "pick": args.pick,
         "percent_of": "FP16 weight size of the UNet" if args.constraint == "size" else
                       "FP16 BitOps (16x16 bits per MAC) of the candidate groups",
         "sensitivity": {"groups": len(sensitivity.groups), "unet_calls": sensitivity.forward_passes,
                         "seconds": round(sensitivity.seconds, 1)},
-        "rank_correlation_dp": rank_correlation([p.predicted_mse for p in dp], [p.measured_mse for p in dp]),
-        "rank_correlation_all": rank_correlation([p.predicted_mse for p in points], [p.measured_mse for p in points]),
-        "points": [p.to_json() for p in points], "seconds": round(time.time() - started, 1)}
+        "rank_correlation_dp": rank_correlation([p.predicted_mse for p in model_dp],
+                                                [p.measured_mse for p in model_dp]),
+        "rank_correlation_reported": rank_correlation([p.predicted_mse for p in dp], [p.measured_mse for p in dp]),
+        "rank_correlation_all": rank_correlation([p.predicted_mse for p in points], [p.measured_mse for p in points])}
+    images = args.images or (32 if args.target_psnr is not None else None)
+    if images:
+        result["images"] = generate_images(spec, [points[0], *dp], output / "encodings", sensitivity, schemes, unet,
+                                           data, images)
     if args.target_sqnr is not None:
-        meeting = [p for p in dp if p.measured_sqnr_db is not None and p.measured_sqnr_db >= args.target_sqnr]
-        result["target"] = {"sqnr_db": args.target_sqnr,
-                            "smallest": min(meeting, key=lambda p: p.percent_of_fp16).to_json() if meeting else None}
+        best = smallest_meeting(dp, "measured_sqnr_db", args.target_sqnr)
+        result["target"] = {"sqnr_db": args.target_sqnr, "smallest": best.to_json() if best else None}
     if args.target_psnr is not None:
-        result["target_psnr"] = verify_psnr_target(spec, dp, output / "encodings", args.target_psnr, args.target_images)
+        best = smallest_meeting(dp, "image_psnr_db", args.target_psnr)
+        result["target_psnr"] = {"psnr_db": args.target_psnr, "images": images,
+                                 "best_psnr_db": max((p.image_psnr_db for p in dp), default=None),
+                                 "smallest": best.to_json() if best else None}
+    result.update(points=[p.to_json() for p in points], seconds=round(time.time() - started, 1))
     write_json_atomic(output / "mixed_precision.json", result)
     _write_table(output, points, result)
-    _write_plot(output / "pareto.png", points)
+    _write_plot(output / "pareto.png", points, result.get("images", {}).get("fp32_caption_accuracy"))
     return sensitivity, points, output
 
 
@@ -301,22 +335,30 @@ def dp_stem(point) -> str:
     return f"dp-{point.label.rstrip('%')}"
 
 
-def verify_psnr_target(spec, dp: list, encodings: Path, target: float, count: int) -> dict[str, Any]:
-    """The DP configurations, smallest first, generated on ``count`` captions until one's mean image PSNR
-    against FP32 reaches ``target``: the smallest that does (None if none), and every one checked."""
+def generate_images(spec, points: list, encodings: Path, sensitivity, schemes, unet, data,
+                    count: int) -> dict[str, Any]:
+    """Each of ``points`` generated end to end on ``count`` validation captions: its mean image PSNR
+    against FP32's and (testbed) caption accuracy, set on the point; the FP32 row's accuracy returned.
+    A DP point reads its encodings file from ``encodings``; any other is written to a scratch file."""
+    import tempfile
+
     from .images import ImageFidelity, mean_psnr
+    from .search import configuration_entries
 
     fidelity = ImageFidelity(spec, count)
-    checked = []
-    for point in sorted(dp, key=lambda p: p.percent_of_fp16):
-        path = encodings / f"{dp_stem(point)}.json"
-        psnr = mean_psnr(fidelity.psnr(fidelity.images(path, f"{point.label} images")))
-        checked.append({"label": point.label, "percent_of_fp16": point.percent_of_fp16, "psnr_db": psnr,
-                        "encodings": str(path)})
-        if psnr >= target:
-            break
-    return {"psnr_db": target, "images": len(fidelity.captions), "checked": checked,
-            "smallest": checked[-1] if checked and checked[-1]["psnr_db"] >= target else None}
+    fp32 = fidelity.correct(fidelity.reference)
+    with tempfile.TemporaryDirectory(prefix="mp-images-") as scratch:
+        for index, point in enumerate(points):
+            path = encodings / f"{dp_stem(point)}.json"
+            if not point.chosen:
+                path = save_configuration(Path(scratch) / f"{index}.json", point,
+                                          configuration_entries(point.choice, schemes, sensitivity.layers),
+                                          sensitivity.schemes, spec, unet, data)
+            generated = fidelity.images(path, f"{point.label} {point.method} images")
+            point.image_psnr_db = mean_psnr(fidelity.psnr(generated))
+            correct = fidelity.correct(generated)
+            point.caption_accuracy = None if correct is None else float(correct.mean())
+    return {"captions": len(fidelity.captions), "fp32_caption_accuracy": None if fp32 is None else float(fp32.mean())}
 
 
 def save_configuration(path: Path, point, entries, schemes: list[str], spec, unet, data) -> Path:
@@ -335,6 +377,7 @@ def save_configuration(path: Path, point, entries, schemes: list[str], spec, une
 
 
 def _write_table(output: Path, points, result: dict) -> None:
+    images = "images" in result
     rows = []
     for label in dict.fromkeys(p.label for p in points):
         group = [p for p in points if p.label == label]
@@ -342,23 +385,36 @@ def _write_table(output: Path, points, result: dict) -> None:
         for p in group:
             if p.method.startswith("random"):
                 continue
-            rows.append([label, p.method, f"{p.percent_of_fp16:.2f}", len(p.fp16_groups), f"{p.predicted_mse:.3g}",
-                         f"{p.measured_mse:.3g}", f"{p.measured_sqnr_db:.2f}"])
+            row = [label, p.method + (" *" if p.chosen else ""), f"{p.percent_of_fp16:.2f}", len(p.fp16_groups),
+                   f"{p.predicted_mse:.3g}", f"{p.measured_mse:.3g}", f"{p.measured_sqnr_db:.2f}"]
+            if images:
+                row += ["-" if p.image_psnr_db is None else f"{p.image_psnr_db:.2f}",
+                        "-" if p.caption_accuracy is None else f"{p.caption_accuracy:.3f}"]
+            rows.append(row)
         if randoms:
             sqnr = [p.measured_sqnr_db for p in randoms]
             rows.append([label, f"random FP16 x{len(randoms)}", f"{sum(p.percent_of_fp16 for p in randoms) / len(randoms):.2f}",
                          len(randoms[0].fp16_groups), "-", f"{sum(p.measured_mse for p in randoms) / len(randoms):.3g}",
-                         f"{sum(sqnr) / len(sqnr):.2f} (min {min(sqnr):.2f})"])
-    table = format_table(["budget", "method", "% of FP16", "FP16 groups", "predicted MSE", "measured MSE",
-                          "output SQNR dB"], rows, markdown=True)
+                         f"{sum(sqnr) / len(sqnr):.2f} (min {min(sqnr):.2f})"] + (["-", "-"] if images else []))
+    headers = ["budget", "method", "% of FP16", "FP16 groups", "predicted MSE", "measured MSE", "output SQNR dB"]
+    if images:
+        headers += ["image PSNR dB", "caption accuracy"]
     rho = result["rank_correlation_dp"]
+    pick = ("the lowest measured output MSE among the DP candidates (dp: every scheme; dp[s]: FP16 and s alone)"
+            if result["pick"] == "measured" else "the DP over every scheme, as the model ranks it")
     lines = [f"# Mixed precision: {', '.join(result['schemes'])} (profile {result['profile']})", "",
              f"Budgets and sizes: % of {result['percent_of']}.", "",
              f"{result['sensitivity']['groups']} candidate groups; sensitivity {result['sensitivity']['unet_calls']} UNet "
              f"calls in {result['sensitivity']['seconds']} s; {result['samples']} samples per measurement; model "
-             f"expanded around {result['around']}, pairs {result['pairs']}.", "", table, "",
-             f"Rank correlation, predicted vs measured MSE over the DP sweep: {rho:.3f}" if rho is not None else
+             f"expanded around {result['around']}, pairs {result['pairs']}. Reported per budget (*): {pick}.", "",
+             format_table(headers, rows, markdown=True), "",
+             f"Rank correlation, predicted vs measured MSE over the DP sweep: {rho:.3f} (over the reported "
+             f"configurations: {_rho(result['rank_correlation_reported'])})" if rho is not None else
              "Rank correlation: too few distinct points"]
+    if images:
+        fp32 = result["images"]["fp32_caption_accuracy"]
+        lines.append(f"Images: {result['images']['captions']} validation captions, 20 steps, PSNR against FP32's images"
+                     + (f"; FP32's caption accuracy {fp32:.3f}" if fp32 is not None else ""))
     if "target" in result:
         best = result["target"]["smallest"]
         lines.append(f"Smallest DP configuration with output SQNR >= {result['target']['sqnr_db']} dB: " +
@@ -369,31 +425,48 @@ def _write_table(output: Path, points, result: dict) -> None:
         best = target["smallest"]
         lines.append(f"Smallest DP configuration with mean image PSNR >= {target['psnr_db']} dB against FP32 "
                      f"({target['images']} captions, generated): " +
-                     (f"{best['label']} ({best['percent_of_fp16']:.2f}% of FP16, {best['psnr_db']:.2f} dB)" if best else
-                      f"none in the sweep (best {max((c['psnr_db'] for c in target['checked']), default=float('nan')):.2f} dB)"))
+                     (f"{best['label']} ({best['percent_of_fp16']:.2f}% of FP16, {best['image_psnr_db']:.2f} dB)" if best
+                      else "none in the sweep" + (f" (best {target['best_psnr_db']:.2f} dB)"
+                                                  if target["best_psnr_db"] is not None else "")))
     write_text_atomic(output / "mixed_precision.md", "\n".join(lines) + "\n")
 
 
-def _write_plot(path: Path, points) -> None:
+def _rho(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _write_plot(path: Path, points, fp32_accuracy: float | None = None) -> None:
+    """Size against UNet output SQNR; with images, also against image PSNR and caption accuracy (FP32's
+    as a line)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axis = plt.subplots(figsize=(7, 4.5))
-    styles = {"dp": ("tab:blue", "o", "DP"), "greedy": ("tab:orange", "s", "greedy"), "uniform": ("black", "*", "uniform")}
-    for method, (colour, marker, label) in styles.items():
-        chosen = [p for p in points if p.method == method]
-        axis.plot([p.percent_of_fp16 for p in chosen], [p.measured_sqnr_db for p in chosen], marker=marker,
-                  color=colour, linestyle="-" if method == "dp" else "none", label=label)
-    randoms = [p for p in points if p.method.startswith("random")]
-    if randoms:
-        axis.scatter([p.percent_of_fp16 for p in randoms], [p.measured_sqnr_db for p in randoms], s=12,
-                     color="tab:gray", label="random FP16 (same count)")
-    axis.set_xlabel("UNet size, % of FP16")
-    axis.set_ylabel("UNet output SQNR vs FP32 (dB)")
-    axis.grid(alpha=0.3)
-    axis.legend()
+    panels = [("measured_sqnr_db", "UNet output SQNR vs FP32 (dB)")]
+    if any(p.image_psnr_db is not None for p in points):
+        panels.append(("image_psnr_db", "image PSNR vs FP32 (dB)"))
+    if any(p.caption_accuracy is not None for p in points):
+        panels.append(("caption_accuracy", "caption accuracy (testbed checker)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    styles = {"reported DP": ("tab:blue", "o", lambda p: p.chosen),
+              "other DP candidates": ("tab:cyan", "x", lambda p: p.is_dp and not p.chosen),
+              "greedy": ("tab:orange", "s", lambda p: p.method == "greedy"),
+              "uniform": ("black", "*", lambda p: p.method == "uniform"),
+              "random FP16 (same count)": ("tab:gray", ".", lambda p: p.method.startswith("random"))}
+    for axis, (field, ylabel) in zip(axes[0], panels):
+        for label, (colour, marker, keep) in styles.items():
+            chosen = [p for p in points if keep(p) and getattr(p, field) is not None]
+            if chosen:
+                axis.plot([p.percent_of_fp16 for p in chosen], [getattr(p, field) for p in chosen], marker=marker,
+                          color=colour, linestyle="-" if label == "reported DP" else "none", label=label)
+        if field == "caption_accuracy" and fp32_accuracy is not None:
+            axis.axhline(fp32_accuracy, color="tab:green", linestyle="--", label="FP32")
+            axis.legend(fontsize=8)
+        axis.set_xlabel("UNet size, % of FP16")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)

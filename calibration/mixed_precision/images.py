@@ -49,6 +49,15 @@ class ImageFidelity:
         """Per caption, the PSNR (dB) of ``generated`` against FP32's image (inf where identical)."""
         return image_psnr(generated, self.reference)
 
+    def correct(self, generated: np.ndarray) -> np.ndarray | None:
+        """Per caption, 1.0 where the testbed's checker finds every attribute the caption asks for (its
+        mean is the checker's overall accuracy); None off the testbed, whose captions alone it reads."""
+        if self.spec.profile != "testbed":
+            return None
+        from testbed.checker import judge
+
+        return np.array([float(judge(c, image)["all"]) for c, image in zip(self.captions, generated)])
+
 
 def image_psnr(generated: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Per image of two (N, H, W, 3) uint8 batches, ``10 log10(255² / MSE)`` (inf where identical).

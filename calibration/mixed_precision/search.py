@@ -6,7 +6,7 @@ depend on the other groups' choices: activation ranges are observed on FP32 acti
 PTQ does). Sizes are percent of the component's FP16 size: the groups' weight bits as chosen plus
 every other parameter (biases, norms, excluded layers) at 16 bits, as :mod:`quant.sizes` counts.
 Measured fidelity re-runs the forward loop with the configuration applied: the check on the
-quadratic model's prediction.
+quadratic model's prediction, and what picks among the DP's candidates (:func:`choose`).
 """
 
 from __future__ import annotations
@@ -36,15 +36,26 @@ class Configuration:
     predicted_mse: float
     measured_mse: float | None = None
     measured_sqnr_db: float | None = None
+    #: the DP configuration the sweep reports at this budget (:func:`choose`)
+    chosen: bool = False
+    #: once its images are generated: mean PSNR against FP32's, and caption accuracy (testbed)
+    image_psnr_db: float | None = None
+    caption_accuracy: float | None = None
 
     @property
     def fp16_groups(self) -> list[str]:
         return [g for g, option in self.choice.items() if option == FP16]
 
+    @property
+    def is_dp(self) -> bool:
+        return self.method == "dp" or self.method.startswith("dp[")
+
     def to_json(self) -> dict[str, Any]:
-        return {"label": self.label, "method": self.method, "percent_of_fp16": self.percent_of_fp16,
-                "predicted_mse": self.predicted_mse, "measured_mse": self.measured_mse,
-                "measured_sqnr_db": self.measured_sqnr_db, "fp16_groups": self.fp16_groups, "choice": self.choice}
+        return {"label": self.label, "method": self.method, "chosen": self.chosen,
+                "percent_of_fp16": self.percent_of_fp16, "predicted_mse": self.predicted_mse,
+                "measured_mse": self.measured_mse, "measured_sqnr_db": self.measured_sqnr_db,
+                "image_psnr_db": self.image_psnr_db, "caption_accuracy": self.caption_accuracy,
+                "fp16_groups": self.fp16_groups, "choice": self.choice}
 
 
 class SizeModel:
@@ -98,14 +109,16 @@ def configuration_entries(choice: Mapping[str, str], schemes: Mapping[str, Entri
 
 
 def configuration_recipe(choice: Mapping[str, str], recipes: Mapping[str, Recipe], group_layers: Mapping[str, list[str]],
-                         module: torch.nn.Module, name: str) -> dict[str, Any]:
+                         module: torch.nn.Module, name: str, calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A choice as a recipe (JSON) that ``calibrate`` turns into the configuration's entries.
 
     Nothing is quantized by default; one override per set of layers with the same quantizers names
     each layer a chosen scheme quantizes (``recipes[scheme].plan(module)``, so a scheme's own excludes
     and overrides carry over) with that scheme's quantizers; FP16 groups are simply not named. Every
     scheme is calibrated on the same FP32 activations, so this recipe, calibrated on the same data,
-    writes the same entries.
+    writes the same entries. ``calibration`` (``num_prompts``, ``timesteps``: the capture the search
+    used) overrides the first scheme's defaults, so that ``calibrate`` and ``study`` capture the same
+    data without flags.
     """
     plans = {}
     for scheme in sorted({o for o in choice.values() if o != FP16}):
@@ -128,7 +141,7 @@ def configuration_recipe(choice: Mapping[str, str], recipes: Mapping[str, Recipe
     recipe = Recipe(name=name, description=f"{len(choice) - kept} groups on {', '.join(plans) or 'no scheme'}, {kept} "
                                            "FP16 (the mixed-precision search's choice)",
                     components=first.components, types=types, overrides=list(by_spec.values()),
-                    calibration=dict(first.calibration))
+                    calibration={**first.calibration, **(calibration or {})})
     return recipe.to_json()
 
 
@@ -153,10 +166,37 @@ def random_fp16(problem: Problem, sensitivity: Sensitivity, scheme: str, keep: i
     return Solution(choice, problem.cost(choice), problem.total_size(choice), f"random-fp16 (seed {seed})")
 
 
+def dp_candidates(problem: Problem, schemes: list[str], budget: float, resolution: int = 4000) -> list[Solution]:
+    """ANNA's DP over every option, then (with several schemes) the DP over FP16 and each scheme alone.
+
+    Every candidate is optimal for the quadratic model on its own option set; the model is least
+    trustworthy where it mixes schemes, since it adds each group's error as measured alone, and
+    errors that share a sign (activation clipping) add coherently in a way the consecutive-pair terms
+    only partly see. Measuring all of them (:func:`choose`) keeps a mixture only where it is really
+    better. Candidates identical to an earlier one are dropped; raises :class:`Infeasible` if even
+    the full DP finds nothing within ``budget``.
+    """
+    candidates = [solve_dp(problem, budget, resolution)]
+    if len(schemes) < 2:
+        return candidates
+    for index, scheme in enumerate(schemes, start=1):
+        options = [0, index]
+        try:
+            solution = solve_dp(problem.restricted(options), budget, resolution)
+        except Infeasible:  # this scheme alone does not fit (a larger one than the smallest)
+            continue
+        choice = [options[j] for j in solution.choice]
+        if all(choice != c.choice for c in candidates):
+            candidates.append(Solution(choice, problem.cost(choice), problem.total_size(choice), f"dp[{scheme}]",
+                                       solution.exact, solution.notes))
+    return candidates
+
+
 def sweep(sensitivity: Sensitivity, sizes, percents: list[float], baseline_scheme: str,
-          random_draws: int = 5, resolution: int = 4000, constraint: str = "size") -> list[Configuration]:
-    """For each budget (% of FP16 size, or of FP16 BitOps): the DP optimum, the greedy one, and random-FP16
-    draws of equal count. Also the all-``baseline_scheme`` configuration: the point the budgets grow from.
+          resolution: int = 4000, constraint: str = "size") -> list[Configuration]:
+    """For each budget (% of FP16 size, or of FP16 BitOps): the DP candidates (:func:`dp_candidates`) and
+    the greedy optimum. First the all-``baseline_scheme`` configuration: the point the budgets grow from.
+    Budgets below the smallest configuration are skipped.
     """
     problem = sensitivity.problem(constraint)
     index = sensitivity.schemes.index(baseline_scheme) + 1
@@ -167,18 +207,57 @@ def sweep(sensitivity: Sensitivity, sizes, percents: list[float], baseline_schem
     for percent in percents:
         budget = sizes.group_budget(percent)
         try:
-            dp = solve_dp(problem, budget, resolution)
+            candidates = dp_candidates(problem, sensitivity.schemes, budget, resolution)
         except Infeasible:
             continue
         label = f"{percent:g}%"
-        points.append(_as_configuration(label, dp, sensitivity, sizes))
+        points.extend(_as_configuration(label, c, sensitivity, sizes) for c in candidates)
         points.append(_as_configuration(label, greedy(problem, budget), sensitivity, sizes))
-        keep = sum(1 for j in dp.choice if j == 0)
-        if 0 < keep < problem.n:
-            for seed in range(random_draws):
-                points.append(_as_configuration(label, random_fp16(problem, sensitivity, baseline_scheme, keep, seed),
-                                                sensitivity, sizes))
     return points
+
+
+PICKS = ("measured", "model")
+
+
+def choose(points: list[Configuration], pick: str = "measured") -> list[Configuration]:
+    """Marks, per budget, the DP configuration the sweep reports, and returns them in budget order.
+
+    ``measured``: the DP candidate with the lowest measured output MSE (every candidate must be
+    measured); ``model``: ANNA's DP over every option, as its quadratic model ranks them.
+    """
+    if pick not in PICKS:
+        raise ValueError(f"pick must be one of {', '.join(PICKS)}, got {pick!r}")
+    chosen = []
+    for label in dict.fromkeys(p.label for p in points if p.is_dp):
+        candidates = [p for p in points if p.label == label and p.is_dp]
+        if pick == "measured":
+            if any(p.measured_mse is None for p in candidates):
+                raise ValueError(f"{label}: every DP candidate must be measured before a measured pick")
+            best = min(candidates, key=lambda p: p.measured_mse)
+        else:
+            best = next(p for p in candidates if p.method == "dp")
+        for p in candidates:
+            p.chosen = p is best
+        chosen.append(best)
+    return chosen
+
+
+def smallest_meeting(points: list[Configuration], field: str, target: float) -> Configuration | None:
+    """The smallest of ``points`` whose ``field`` (``measured_sqnr_db``, ``image_psnr_db``) reaches ``target``."""
+    meeting = [p for p in points if getattr(p, field) is not None and getattr(p, field) >= target]
+    return min(meeting, key=lambda p: p.percent_of_fp16) if meeting else None
+
+
+def random_baselines(sensitivity: Sensitivity, sizes, point: Configuration, baseline_scheme: str, draws: int,
+                     constraint: str = "size") -> list[Configuration]:
+    """``draws`` configurations with as many groups FP16 as ``point`` has, drawn at random, the rest on
+    ``baseline_scheme``: what a search must beat to have found anything."""
+    keep = len(point.fp16_groups)
+    if not 0 < keep < len(sensitivity.groups):
+        return []
+    problem = sensitivity.problem(constraint)
+    return [_as_configuration(point.label, random_fp16(problem, sensitivity, baseline_scheme, keep, seed),
+                              sensitivity, sizes) for seed in range(draws)]
 
 
 def rank_correlation(predicted: list[float], measured: list[float]) -> float | None:

@@ -85,6 +85,15 @@ class Problem:
     def smallest_size(self) -> float:
         return float(sum(s.min() for s in self.size))
 
+    def restricted(self, options: list[int]) -> Problem:
+        """The instance with only ``options`` (indices, the same for every module) left: option ``j``
+        of the result is option ``options[j]`` here. For a DP over a subset of the schemes."""
+        keep = np.asarray(options)
+        return Problem([u[keep] for u in self.unary], [s[keep] for s in self.size],
+                       [p[np.ix_(keep, keep)] for p in self.pair],
+                       {key: np.asarray(p)[np.ix_(keep, keep)] for key, p in self.extra_pairs.items()},
+                       list(self.names), self.offset)
+
 
 @dataclass
 class Solution:
