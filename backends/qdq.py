@@ -33,6 +33,11 @@ from .onnx_export import MARK_DOMAIN, MARK_OP
 _ONNX_TYPES = {"int8": "INT8", "uint8": "UINT8", "int16": "INT16", "uint16": "UINT16", "int4": "INT4",
                "uint4": "UINT4", "float8e4m3fn": "FLOAT8E4M3FN", "float8e5m2": "FLOAT8E5M2"}
 _NUMPY_INTS = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
+def quantized_name(key: str) -> str:
+    """The ONNX tensor holding quantizer ``key``'s integers: a weight's initializer, an activation's Q output."""
+    return f"{key}.quantized"
+
+
 #: ops whose output elements are copies of input[0]'s (AIMET's ``op_outputs_to_ignore`` / math-invariant ops):
 #: a dequantized tensor stays on its grid through them
 MATH_INVARIANT_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Expand",
@@ -163,7 +168,7 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
                 dropped.add(id(transpose))
                 target = transpose.output[0]
             tensors, names, attrs = _qparams_tensors(replace(enc, axis=axis), key, key)
-            quantized = _make_tensor(f"{key}.quantized", enc.dtype, np.ascontiguousarray(q), key)
+            quantized = _make_tensor(quantized_name(key), enc.dtype, np.ascontiguousarray(q), key)
             graph.initializer.extend(tensors + [quantized])
             new_nodes.append(helper.make_node("DequantizeLinear", [quantized.name] + names, [target],
                                               name=f"{key}/DequantizeLinear", **attrs))
@@ -189,7 +194,7 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
                 dequantized[target] = signature
             tensors, names, attrs = _qparams_tensors(enc, key, key)
             graph.initializer.extend(tensors)
-            q_name = f"{key}.quantized"
+            q_name = quantized_name(key)
             new_nodes.append(helper.make_node("QuantizeLinear", [source] + names, [q_name],
                                               name=f"{key}/QuantizeLinear", **attrs))
             new_nodes.append(helper.make_node("DequantizeLinear", [q_name] + names, [target],

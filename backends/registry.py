@@ -42,7 +42,7 @@ _REGISTRY: dict[str, BackendFactory] = {}
 _ALIASES: dict[str, str] = {}
 _FLAGS: dict[str, BackendFlags] = {}
 #: modules imported on first lookup, so that optional backends' dependencies load only when used
-_BACKEND_MODULES = ("backends.null_backend", "backends.torch_backend", "backends.ort_backend")
+_BACKEND_MODULES = ("backends.null_backend", "backends.torch_backend", "backends.ort_backend", "backends.trt_backend")
 
 
 def register_backend(name: str, factory: BackendFactory, aliases: tuple[str, ...] = (),

@@ -13,7 +13,9 @@ first validation caption at step 10). For each recipe:
 * the floor: fake-quant against itself with every Conv/Linear output moved one ulp
   (:func:`calibration.sqnr.one_ulp_nudge`), next to what the nudge and ORT each do to the FP32 UNet;
 * end to end: ``--prompts`` captions (tiny: one built-in caption), 20 steps, mean PSNR of ORT's images
-  against fake-quant's and FP32's.
+  against fake-quant's and FP32's;
+* TensorRT's explicit-quantization rules on the same QDQ graph (:mod:`backends.trt_graph`): the graph
+  ``--backend trt`` builds; use FP8 recipes and ``w8a8-sym`` for it.
 
 The issue's bounds: ORT~fake-quant at least 10 dB above the quantization error (UNet), 6 dB (PSNR).
 Prints a table and writes JSON under ``results/bench/`` with the CPU model and ISA.
@@ -23,11 +25,13 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +42,7 @@ from accuracy.fidelity import psnr_ssim  # noqa: E402
 from backends import BackendOptions, create_backend  # noqa: E402
 from backends.onnx_export import unet_signature  # noqa: E402
 from backends.ort_backend import create_session  # noqa: E402
+from backends.trt_graph import check_trt_qdq  # noqa: E402
 from bench.backends import calibrate_unet  # noqa: E402
 from calibration.commands import calibrate_to_file  # noqa: E402
 from calibration.sqnr import one_ulp_nudge  # noqa: E402
@@ -120,6 +125,11 @@ def main() -> int:
         ort.session = create_session(ort.model_path, threads=torch.get_num_threads(), matmul_nbits_accuracy_level=4,
                                      qdq_fusion=ort.int8_kernels["fused"])
         row["ort_vs_fq_db_ort_default_level"] = sqnr_db(simulated, ort.predict_noise(*args))
+        # the same QDQ graph is what --backend trt would build: TensorRT's explicit-quantization rules on it
+        tensor_map = json.loads((ort.model_dir / "unet.tensor_map.json").read_text())["tensor_map"]
+        report = check_trt_qdq(onnx.load(str(ort.model_path), load_external_data=False), tensor_map,
+                               mha=any(".bmm_" in k for k in tensor_map))
+        row["trt_graph"] = report.to_json()
         rows[recipe] = row
 
     print(f"CPU: {system_description()['cpu_model']} ({isa_summary()}), torch threads {torch.get_num_threads()}\n")
@@ -127,10 +137,11 @@ def main() -> int:
           "image(s) (dB)")
     print(format_table(
         ["recipe", "ORT~fq", "fq~FP32", "ORT~FP32", "one-ulp floor", "ORT~fq, ORT's default level",
-         "e2e ORT~fq", "e2e ORT~FP32", "e2e fq~FP32"],
+         "e2e ORT~fq", "e2e ORT~FP32", "e2e fq~FP32", "TensorRT rules broken", "FP8 MHA patterns"],
         [[recipe] + [f"{r[k]:.1f}" for k in (
             "ort_vs_fq_db", "fq_vs_fp32_db", "ort_vs_fp32_db", "one_ulp_floor_db", "ort_vs_fq_db_ort_default_level",
-            "e2e_psnr_ort_vs_fq_db", "e2e_psnr_ort_vs_fp32_db", "e2e_psnr_fq_vs_fp32_db")] for recipe, r in rows.items()]))
+            "e2e_psnr_ort_vs_fq_db", "e2e_psnr_ort_vs_fp32_db", "e2e_psnr_fq_vs_fp32_db")]
+         + [len(r["trt_graph"]["violations"]), r["trt_graph"]["mha_patterns"]] for recipe, r in rows.items()]))
     print(f"FP32 UNet: ORT~torch {fp32_row['ort_vs_torch_db']:.1f} dB; torch~torch with the one-ulp nudge "
           f"{fp32_row['one_ulp_nudge_db']:.1f} dB")
     OUT_DIR.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,279 @@
+"""What of the TensorRT FP8 backend can be checked without TensorRT or a GPU (issue 19).
+
+The QDQ ONNX graph a TensorRT engine would be built from is the ONNX Runtime backend's
+(:mod:`backends.qdq_model`, from our encodings): here it runs on ONNX Runtime's CPU provider, which
+implements float8 ``QuantizeLinear``/``DequantizeLinear`` (the FP8 Conv/MatMul run in FP32 after the
+DQ), against the torch fake-quant backend with the same encodings; and TensorRT's explicit-quantization
+rules are checked on it (:mod:`backends.trt_graph`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from tiny_encodings import calibrate_tiny_unet, unet_example_args
+
+from backends import BackendOptions, create_backend
+from backends.trt_graph import check_trt_qdq
+from calibration.sqnr import one_ulp_nudge
+from quant.quantizers import sqnr_db
+
+
+@pytest.fixture(scope="module")
+def unet_args(tiny_backend):
+    return unet_example_args(tiny_backend)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _backend(name, spec, cache_dir, encodings):
+    return create_backend(name, spec, BackendOptions(show_progress=False, encodings=str(encodings),
+                                                     extra={"cache_dir": str(cache_dir)}))
+
+
+@pytest.mark.parametrize("recipe", ["fp8-mha", "w8a8-sym"])
+def test_the_qdq_graph_tensorrt_would_build_runs_on_ort_as_fake_quant_and_keeps_tensorrt_rules(
+        recipe, tiny_spec, tiny_backend, unet_args, cache_dir, tmp_path):
+    """FP8 (with the attention matmuls: NVIDIA's --quantize-mha) and INT8: the ORT CPU run of the graph
+    equals fake-quant to the one-ulp floor (a value on the other side of a rounding boundary flips a code:
+    no runtime but torch itself gets closer), and the graph keeps every TensorRT rule."""
+    encodings, path = calibrate_tiny_unet(tiny_backend, unet_args, recipe, tmp_path)
+    fake_quant, ort = _backend("torch", tiny_spec, cache_dir, path), _backend("ort", tiny_spec, cache_dir, path)
+    with torch.no_grad():
+        fp32, simulated = tiny_backend.predict_noise(*unet_args), fake_quant.predict_noise(*unet_args)
+        with one_ulp_nudge(fake_quant.unet):
+            nudged = fake_quant.predict_noise(*unet_args)
+    out = ort.predict_noise(*unet_args)
+    parity, floor, fq_err = sqnr_db(simulated, out), sqnr_db(simulated, nudged), sqnr_db(fp32, simulated)
+    figures = f"SQNR ort~fq {parity:.1f} dB, one-ulp floor {floor:.1f}, fq~fp32 {fq_err:.1f}"
+    assert parity >= floor - 1.5 and abs(sqnr_db(fp32, out) - fq_err) <= 1, figures
+
+    model = onnx.load(str(ort.model_path), load_external_data=False)
+    tensor_map = json.loads((ort.model_dir / "unet.tensor_map.json").read_text())["tensor_map"]
+    entries = encodings.components["unet"]
+    assert set(tensor_map) == set(entries)
+    report = check_trt_qdq(model, tensor_map, mha=recipe.endswith("-mha"))
+    assert report.violations == [], report.violations
+    weights = sum(k.endswith(":weight[0]") for k in entries)
+    assert report.weights_per_channel == weights and report.weights_per_tensor == 0  # per output channel
+    zero_type = "FLOAT8E4M3FN" if recipe.startswith("fp8") else "INT8"
+    assert set(report.zero_point_types) == {zero_type}
+    attention = sum(k.endswith(".bmm_pv:input[0]") for k in entries)
+    assert report.mha_patterns == attention and (attention > 0) == recipe.endswith("-mha")
+
+
+def _qdq_chain(scale, zero_point, zero_type=TensorProto.FLOAT8E4M3FN, weight_axis=0, consumer="Conv", opset=21):
+    """x -> Q -> DQ -> Conv/MatMul <- DQ <- W: the smallest graph each rule can be broken in."""
+    weight = numpy_helper.from_array(np.ones((4, 4, 1, 1) if consumer == "Conv" else (4, 4), np.float32),
+                                     "op:weight[0].quantized")
+    w_scale = numpy_helper.from_array(np.full(4, 0.1, np.float32), "w_scale")
+    w_zero = helper.make_tensor("w_zero", zero_type, [4], [0, 0, 0, 0])
+    scale_t = numpy_helper.from_array(np.asarray(scale, np.float32), "s")
+    zero_t = helper.make_tensor("z", zero_type, list(np.shape(zero_point)), np.ravel(zero_point).tolist())
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["op:weight[0].quantized", "w_scale", "w_zero"], ["wd"], name="wdq",
+                              axis=weight_axis),
+             helper.make_node(consumer, ["xd", "wd"], ["y"], name="op")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [weight, w_scale, w_zero, scale_t, zero_t])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({}, None),
+    ({"scale": -0.5}, "scale has values <= 0"),
+    ({"zero_point": 1.0}, "zero point is not 0"),
+    ({"zero_point": 3, "zero_type": TensorProto.INT8}, "zero point is not 0"),
+    ({"scale": [0.5, 0.5, 0.5, 0.5], "zero_point": [0, 0, 0, 0]}, "per-axis activation scale"),
+    ({"weight_axis": 1}, "per-channel axis 1 of a weight Conv reads"),
+    ({"consumer": "MatMul", "weight_axis": 0}, "per-channel axis 0 of a weight MatMul reads"),
+    ({"consumer": "MatMul", "weight_axis": 1}, None),
+    ({"opset": 17}, "opset 17"),
+], ids=["valid", "negative-scale", "fp8-zero-point", "int8-zero-point", "per-axis-activation", "conv-axis",
+        "matmul-axis", "matmul-valid", "opset"])
+def test_each_tensorrt_rule_is_caught_where_it_is_broken(change, message):
+    kwargs = {"scale": 0.5, "zero_point": 0.0, **change}
+    report = check_trt_qdq(_qdq_chain(**kwargs), {"op:input[0]": "x", "op:weight[0]": "w"})
+    if message is None:
+        assert report.violations == [] and report.quantize == 1 and report.dequantize == 2
+    else:
+        assert any(message in v for v in report.violations), report.violations
+
+
+def test_a_quantizer_with_no_or_two_quantize_nodes_is_reported():
+    model = _qdq_chain(0.5, 0.0)
+    report = check_trt_qdq(model, {"op:input[0]": "xd", "op:weight[0]": "w"})  # xd is no Q's input
+    assert report.violations == ["op:input[0]: xd is read by 0 QuantizeLinear nodes (expected exactly one)"]
+    model.graph.node.insert(1, helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq2"], name="q2"))
+    report = check_trt_qdq(model, {"op:input[0]": "x"})
+    assert report.violations == ["op:input[0]: x is read by 2 QuantizeLinear nodes (expected exactly one)"]
+
+
+# -- the engine builder against a fake TensorRT (argument plumbing and cache keys only) ---------------
+
+class FakeTrt:
+    """The slice of the ``tensorrt`` module the builder calls, recording what it is asked."""
+
+    __version__ = "10.99.0"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 1
+
+    def __init__(self):
+        self.calls: dict = {"profiles": [], "flags": [], "builds": 0}
+        fake = self
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+                fake.calls["profiles"].append(self)
+
+            def set_shape(self, name, low, opt, high):
+                self.shapes[name] = (low, opt, high)
+
+        class TimingCache:
+            def serialize(self):
+                return b"timing"
+
+        class Config:
+            builder_optimization_level = None
+
+            def set_flag(self, flag):  # precision flags: a strongly typed build must set none
+                fake.calls["flags"].append(flag)
+
+            def add_optimization_profile(self, profile):
+                fake.calls["config_profile"] = profile
+
+            def create_timing_cache(self, data):
+                fake.calls["timing_cache_in"] = data
+                return TimingCache()
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                fake.calls["timing_cache_set"] = True
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls["network_flags"] = flags
+                return object()
+
+            def create_builder_config(self):
+                fake.calls["config"] = Config()
+                return fake.calls["config"]
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls["builds"] += 1
+                return b"engine"
+
+        class OnnxParser:
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls["parsed"] = path
+                return True
+
+        self.Builder, self.OnnxParser = Builder, OnnxParser
+
+
+def test_the_engine_is_built_strongly_typed_with_nvidias_profile_and_cached_by_every_input(tmp_path, tiny_backend):
+    from backends.trt_engine import Profile, cached_engine, engine_key, unet_profile
+
+    onnx_path = tmp_path / "unet.onnx"
+    onnx_path.write_bytes(b"graph")
+    profile = unet_profile(tiny_backend.unet, sut_batch=4)
+    assert profile.min_batch == 2 and profile.opt_batch == profile.max_batch == 8  # CFG doubles the SUT's 4
+    signature_shapes = {"sample": (4, 32, 32), "timestep": (), "encoder_hidden_states": (77, 96), "text_embeds": (64,),
+                        "time_ids": (6,)}
+    assert dict(profile.inputs) == signature_shapes  # the exported graph's inputs, without the batch axis
+    trt = FakeTrt()
+    path, info = cached_engine(trt, onnx_path, tmp_path / "cache", profile, 4, (9, 0))
+    assert path.read_bytes() == b"engine" and info["built"] and trt.calls["builds"] == 1
+    assert trt.calls["network_flags"] == 1 << FakeTrt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    assert trt.calls["flags"] == [] and trt.calls["config"].builder_optimization_level == 4
+    shapes = trt.calls["config_profile"].shapes
+    assert shapes["sample"] == ((2, 4, 32, 32), (8, 4, 32, 32), (8, 4, 32, 32)) and shapes["timestep"] == ((2,), (8,), (8,))
+    assert (tmp_path / "cache" / "trt" / "timing.cache").read_bytes() == b"timing"
+    again, info = cached_engine(trt, onnx_path, tmp_path / "cache", profile, 4, (9, 0))
+    assert again == path and not info["built"] and trt.calls["builds"] == 1  # reused
+    key = engine_key("sha", "10.99.0", (9, 0), profile, 4)
+    changed = [engine_key("sha2", "10.99.0", (9, 0), profile, 4), engine_key("sha", "10.8.0", (9, 0), profile, 4),
+               engine_key("sha", "10.99.0", (10, 0), profile, 4), engine_key("sha", "10.99.0", (9, 0), profile, 3),
+               engine_key("sha", "10.99.0", (9, 0), Profile(profile.inputs, max_batch=16), 4)]
+    assert len({key, *changed}) == 6
+    onnx_path.write_bytes(b"graph, re-exported")  # a stale key rebuilds
+    rebuilt, info = cached_engine(trt, onnx_path, tmp_path / "cache", profile, 4, (9, 0))
+    assert rebuilt != path and info["built"] and trt.calls["builds"] == 2
+
+
+def test_without_tensorrt_the_backend_is_one_line_naming_the_extra_before_any_model_loads(capsys, monkeypatch):
+    import sys
+
+    from harness.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not importable, as on this machine
+    for name in ("trt", "tensorrt"):
+        assert main(["run", "--profile", "tiny", "--backend", name, "--device", "cuda", "--max-samples", "2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "needs NVIDIA TensorRT" in err[0] and ".[trt]" in err[0] and "pypi.nvidia.com" in err[0]
+
+
+def test_the_trt_backends_own_checks(monkeypatch):
+    import sys
+
+    from backends.registry import BackendOptionsError
+    from backends.trt_backend import check_options
+
+    with pytest.raises(BackendOptionsError, match="on a CUDA GPU; got --device cpu"):
+        check_options("fp32", "cpu", {})
+    with pytest.raises(BackendOptionsError, match="must be 0..4"):
+        check_options("fp32", "cuda", {"trt_optimization_level": 5})
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(BackendOptionsError, match="needs NVIDIA TensorRT"):
+        create_backend("trt", None, BackendOptions(device="cuda"))
+
+
+def _tensorrt_missing() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "TensorRT is not installed (the [trt] extra)"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_tensorrt_missing() is not None, reason=str(_tensorrt_missing()))
+def test_gpu_fp8_engine_equals_fake_quant_on_cuda(tiny_spec, tiny_backend, unet_args, tmp_path):
+    """Run where a GPU and TensorRT are: the FP8 engine's UNet output against torch fake-quant on CUDA."""
+    encodings, path = calibrate_tiny_unet(tiny_backend, unet_args, "fp8-mha", tmp_path)
+    options = dict(show_progress=False, encodings=str(path), device="cuda", extra={"cache_dir": str(tmp_path)})
+    fake_quant = create_backend("torch", tiny_spec, BackendOptions(**options))
+    engine = create_backend("trt", tiny_spec, BackendOptions(**options))
+    cuda_args = tuple(a.cuda() if torch.is_tensor(a) else a for a in unet_args)
+    with torch.no_grad():
+        simulated = fake_quant.predict_noise(*cuda_args)
+    out = engine.predict_noise(*cuda_args)
+    assert sqnr_db(simulated.float().cpu(), out.float().cpu()) > 25.0  # FP8 GEMMs accumulate differently
