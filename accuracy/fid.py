@@ -18,7 +18,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-from scipy import linalg
 
 from .weights import WeightFile
 
@@ -79,6 +78,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise FidUndefined(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    from scipy import linalg  # here, not at import: the command line builds its parser without scipy
+
     diff = mu1 - mu2
     with warnings.catch_warnings():  # singular products are expected with few images and handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)

@@ -12,15 +12,25 @@ the uint8 result (a quarter of the bytes).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 
 _HALF, _ONE, _ZERO, _MAX = np.float32(0.5), np.float32(1.0), np.float32(0.0), np.float32(255.0)
+_compiled = None
 
 
-@numba.njit(nogil=True, cache=True)
 def _planes_to_hwc(planes: np.ndarray, out: np.ndarray, from_vae: bool) -> bool:
+    """:func:`_planes_to_hwc_loop`, compiled by numba on first use (CPU images only: a run whose images
+    are on a GPU never imports numba, so the lent GPU machine does not need it)."""
+    global _compiled
+    if _compiled is None:
+        import numba
+
+        _compiled = numba.njit(nogil=True, cache=True)(_planes_to_hwc_loop)
+    return _compiled(planes, out, from_vae)
+
+
+def _planes_to_hwc_loop(planes: np.ndarray, out: np.ndarray, from_vae: bool) -> bool:
     """``planes`` (3, H, W) float32 -> ``out`` (H, W, 3) uint8, row by row (a row's planes stay in L1).
 
     Returns whether any value was NaN or Inf, found in the same pass (a separate ``torch.isfinite`` over
