@@ -33,6 +33,8 @@ from .onnx_export import MARK_DOMAIN, MARK_OP
 _ONNX_TYPES = {"int8": "INT8", "uint8": "UINT8", "int16": "INT16", "uint16": "UINT16", "int4": "INT4",
                "uint4": "UINT4", "float8e4m3fn": "FLOAT8E4M3FN", "float8e5m2": "FLOAT8E5M2"}
 _NUMPY_INTS = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
+
+
 def quantized_name(key: str) -> str:
     """The ONNX tensor holding quantizer ``key``'s integers: a weight's initializer, an activation's Q output."""
     return f"{key}.quantized"

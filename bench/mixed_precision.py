@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -151,35 +150,20 @@ def _end_to_end(opts, spec, unet, schemes, sensitivity, data, configurations) ->
     """Images of each configuration on ``--images`` validation captions against FP32's; per caption, so that
     every row's PSNR and caption accuracy carry a paired 95% interval against the first row (uniform ``fp8``).
     A configuration equal to an earlier one (the same choice for every group) reuses its images."""
-    from calibration.mixed_precision.commands import save_configuration
-    from calibration.mixed_precision.images import ImageFidelity, mean_psnr
-    from calibration.mixed_precision.search import configuration_entries
+    from calibration.mixed_precision.commands import configuration_images
+    from calibration.mixed_precision.images import ImageFidelity
 
     fidelity = ImageFidelity(spec, opts.images)
-    scratch = Path(tempfile.mkdtemp(prefix="mp-bench-"))
-
-    def accuracy(correct: np.ndarray | None) -> float | None:  # the checker reads testbed captions only
-        return None if correct is None else float(correct.mean())
-
+    fp32 = fidelity.correct(fidelity.reference)  # None off the testbed: the checker reads its captions only
     rows = [{"label": "FP32", "method": "-", "chosen": False, "percent_of_fp16": 100.0,
              "fp16_groups": len(sensitivity.groups), "measured_sqnr_db": float("inf"), "psnr_db": float("inf"),
-             "caption_accuracy": accuracy(fidelity.correct(fidelity.reference))}]
-    per_caption = []  # (psnr per caption, correct per caption) of each configuration
-    generated_for: dict[tuple, tuple] = {}
-    for index, point in enumerate(configurations):
-        key = tuple(sorted(point.choice.items()))
-        if key not in generated_for:
-            path = save_configuration(scratch / f"{index}.json", point,
-                                      configuration_entries(point.choice, schemes, sensitivity.layers),
-                                      sensitivity.schemes, spec, unet, data)
-            generated = fidelity.images(path, f"{point.label} {point.method}")
-            generated_for[key] = (fidelity.psnr(generated), fidelity.correct(generated))
-        psnr, correct = generated_for[key]
-        per_caption.append((psnr, correct))
+             "caption_accuracy": None if fp32 is None else float(fp32.mean())}]
+    per_caption = configuration_images(fidelity, configurations, sensitivity, schemes, spec, unet, data)
+    for index, (point, (psnr, correct)) in enumerate(zip(configurations, per_caption)):
         row = {"label": point.label, "method": point.method, "chosen": point.chosen,
                "percent_of_fp16": point.percent_of_fp16, "fp16_groups": len(point.fp16_groups),
-               "measured_sqnr_db": point.measured_sqnr_db, "psnr_db": mean_psnr(psnr),
-               "caption_accuracy": accuracy(correct)}
+               "measured_sqnr_db": point.measured_sqnr_db, "psnr_db": point.image_psnr_db,
+               "caption_accuracy": point.caption_accuracy}
         if index > 0 and np.isfinite(psnr).all() and np.isfinite(per_caption[0][0]).all():
             row["psnr_vs_uniform"] = paired_interval(psnr, per_caption[0][0])
         if index > 0 and correct is not None:

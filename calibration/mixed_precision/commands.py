@@ -312,8 +312,13 @@ def mixed_precision(args: argparse.Namespace, prepared: Prepared):
         "rank_correlation_all": rank_correlation([p.predicted_mse for p in points], [p.measured_mse for p in points])}
     images = args.images or (32 if args.target_psnr is not None else None)
     if images:
-        result["images"] = generate_images(spec, [points[0], *dp], output / "encodings", sensitivity, schemes, unet,
-                                           data, images)
+        from .images import ImageFidelity
+
+        fidelity = ImageFidelity(spec, images)
+        configuration_images(fidelity, [points[0], *dp], sensitivity, schemes, spec, unet, data)
+        fp32 = fidelity.correct(fidelity.reference)
+        result["images"] = {"captions": len(fidelity.captions),
+                            "fp32_caption_accuracy": None if fp32 is None else float(fp32.mean())}
     if args.target_sqnr is not None:
         best = smallest_meeting(dp, "measured_sqnr_db", args.target_sqnr)
         result["target"] = {"sqnr_db": args.target_sqnr, "smallest": best.to_json() if best else None}
@@ -335,30 +340,33 @@ def dp_stem(point) -> str:
     return f"dp-{point.label.rstrip('%')}"
 
 
-def generate_images(spec, points: list, encodings: Path, sensitivity, schemes, unet, data,
-                    count: int) -> dict[str, Any]:
-    """Each of ``points`` generated end to end on ``count`` validation captions: its mean image PSNR
-    against FP32's and (testbed) caption accuracy, set on the point; the FP32 row's accuracy returned.
-    A DP point reads its encodings file from ``encodings``; any other is written to a scratch file."""
+def configuration_images(fidelity, points: list, sensitivity, schemes, spec, unet, data) -> list[tuple]:
+    """Each of ``points`` generated end to end on ``fidelity``'s captions (an
+    :class:`~calibration.mixed_precision.images.ImageFidelity`): per caption, its image PSNR against
+    FP32's and (testbed; else None) the checker's verdict, one ``(psnr, correct)`` pair per point; the
+    means are set on the point (``image_psnr_db``, ``caption_accuracy``). Points with the same choice
+    generate once."""
     import tempfile
 
-    from .images import ImageFidelity, mean_psnr
+    from .images import mean_psnr
     from .search import configuration_entries
 
-    fidelity = ImageFidelity(spec, count)
-    fp32 = fidelity.correct(fidelity.reference)
+    generated_for: dict[tuple, tuple] = {}
+    out = []
     with tempfile.TemporaryDirectory(prefix="mp-images-") as scratch:
         for index, point in enumerate(points):
-            path = encodings / f"{dp_stem(point)}.json"
-            if not point.chosen:
+            key = tuple(sorted(point.choice.items()))
+            if key not in generated_for:
                 path = save_configuration(Path(scratch) / f"{index}.json", point,
                                           configuration_entries(point.choice, schemes, sensitivity.layers),
                                           sensitivity.schemes, spec, unet, data)
-            generated = fidelity.images(path, f"{point.label} {point.method} images")
-            point.image_psnr_db = mean_psnr(fidelity.psnr(generated))
-            correct = fidelity.correct(generated)
+                generated = fidelity.images(path, f"{point.label} {point.method} images")
+                generated_for[key] = (fidelity.psnr(generated), fidelity.correct(generated))
+            psnr, correct = generated_for[key]
+            point.image_psnr_db = mean_psnr(psnr)
             point.caption_accuracy = None if correct is None else float(correct.mean())
-    return {"captions": len(fidelity.captions), "fp32_caption_accuracy": None if fp32 is None else float(fp32.mean())}
+            out.append((psnr, correct))
+    return out
 
 
 def save_configuration(path: Path, point, entries, schemes: list[str], spec, unet, data) -> Path:
