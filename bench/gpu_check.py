@@ -59,6 +59,8 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--skip-loadgen", action="store_true")
     opts = parser.parse_args()
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {opts.device}: no CUDA device here (--device cpu rehearses the script)")
     result: dict = {"benchmark": "gpu_check", "device": opts.device, "torch": torch.__version__,
                     "cuda": torch.version.cuda, "steps": {}}
     if opts.device.startswith("cuda"):
@@ -83,6 +85,22 @@ def main() -> int:
 
 
 def fp8_numerics(device: str, profiles: list[str]) -> dict:
+    rows = {}
+    for profile in profiles:
+        try:
+            rows[profile] = _fp8_profile(profile, device)
+        except Exception as exc:  # one profile failing (a missing package) keeps the other's row
+            rows[profile] = {"error": f"{type(exc).__name__}: {exc}"}
+    print(format_table(["profile", f"UNet {device}~cpu dB", "one-ulp floor dB", "fq~FP32 dB", "FP8 quantizer identical"],
+                       [[p, f"{r['unet_device_vs_cpu_db']:.1f}", f"{r['one_ulp_floor_db']:.1f}",
+                         f"{r['fake_quant_vs_fp32_db']:.1f}", r["quantizer_bit_identical"]] if "error" not in r else
+                        [p, r["error"], "", "", ""] for p, r in rows.items()]), flush=True)
+    if all("error" in r for r in rows.values()):
+        raise RuntimeError("; ".join(f"{p}: {r['error']}" for p, r in rows.items()))
+    return {"profiles": rows}
+
+
+def _fp8_profile(profile: str, device: str) -> dict:
     from tiny_encodings import calibrate_tiny_unet, unet_example_args
 
     from backends import BackendOptions, create_backend
@@ -90,33 +108,26 @@ def fp8_numerics(device: str, profiles: list[str]) -> dict:
     from quant.quantizers import quantize_tensor, sqnr_db
     from sdxl.models import model_spec
 
-    rows = {}
-    for profile in profiles:
-        spec = model_spec(profile)
-        cpu = create_backend("torch", spec, BackendOptions(show_progress=False))
-        args = unet_example_args(cpu)
-        encodings, path = calibrate_tiny_unet(cpu, args, "fp8-mha", Path(tempfile.mkdtemp()))
-        on = {d: create_backend("torch", spec, BackendOptions(show_progress=False, encodings=str(path), device=d))
-              for d in ("cpu", device)}
-        with torch.no_grad():
-            fp32 = cpu.predict_noise(*args)
-            outs = {d: b.predict_noise(*(a.to(d) if torch.is_tensor(a) else a for a in args)).float().cpu()
-                    for d, b in on.items()}
-            with one_ulp_nudge(on["cpu"].unet):
-                nudged = on["cpu"].predict_noise(*args)
-        key, enc = next((k, e) for k, e in encodings.components["unet"].items() if k.endswith(":input[0]"))
-        x = torch.randn(4096, 640, generator=torch.Generator().manual_seed(0)) * 3
-        q_cpu, q_dev = quantize_tensor(x, enc.qparams()), quantize_tensor(x.to(device), enc.qparams()).cpu()
-        rows[profile] = {"unet_device_vs_cpu_db": sqnr_db(outs["cpu"], outs[device]),
-                         "one_ulp_floor_db": sqnr_db(outs["cpu"], nudged.float()),
-                         "fake_quant_vs_fp32_db": sqnr_db(fp32, outs["cpu"]),
-                         "quantizer": key, "quantizer_bit_identical": bool(torch.equal(q_cpu, q_dev)),
-                         "quantizer_max_abs_diff": float((q_cpu - q_dev).abs().max())}
-    print(format_table(["profile", f"UNet {device}~cpu dB", "one-ulp floor dB", "fq~FP32 dB", "FP8 quantizer identical"],
-                       [[p, f"{r['unet_device_vs_cpu_db']:.1f}", f"{r['one_ulp_floor_db']:.1f}",
-                         f"{r['fake_quant_vs_fp32_db']:.1f}", r["quantizer_bit_identical"]] for p, r in rows.items()]),
-          flush=True)
-    return {"profiles": rows}
+    spec = model_spec(profile)
+    cpu = create_backend("torch", spec, BackendOptions(show_progress=False))
+    args = unet_example_args(cpu)
+    encodings, path = calibrate_tiny_unet(cpu, args, "fp8-mha", Path(tempfile.mkdtemp()))
+    on = {d: create_backend("torch", spec, BackendOptions(show_progress=False, encodings=str(path), device=d))
+          for d in ("cpu", device)}
+    with torch.no_grad():
+        fp32 = cpu.predict_noise(*args)
+        outs = {d: b.predict_noise(*(a.to(d) if torch.is_tensor(a) else a for a in args)).float().cpu()
+                for d, b in on.items()}
+        with one_ulp_nudge(on["cpu"].unet):
+            nudged = on["cpu"].predict_noise(*args)
+    key, enc = next((k, e) for k, e in encodings.components["unet"].items() if k.endswith(":input[0]"))
+    x = torch.randn(4096, 640, generator=torch.Generator().manual_seed(0)) * 3
+    q_cpu, q_dev = quantize_tensor(x, enc.qparams()), quantize_tensor(x.to(device), enc.qparams()).cpu()
+    return {"unet_device_vs_cpu_db": sqnr_db(outs["cpu"], outs[device]),
+            "one_ulp_floor_db": sqnr_db(outs["cpu"], nudged.float()),
+            "fake_quant_vs_fp32_db": sqnr_db(fp32, outs["cpu"]),
+            "quantizer": key, "quantizer_bit_identical": bool(torch.equal(q_cpu, q_dev)),
+            "quantizer_max_abs_diff": float((q_cpu - q_dev).abs().max())}
 
 
 def fp8_gemm(device: str, iterations: int) -> dict:

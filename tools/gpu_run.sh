@@ -7,6 +7,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SITE=build/gpu-site
 PYTHON=${PYTHON:-python3}
+[ -f build/gpu-wheels/modules.json ] || { echo "error: no build/gpu-wheels/modules.json: run tools/gpu_wheels.sh on" \
+  "the development machine and carry build/gpu-wheels with the command" >&2; exit 2; }
 mkdir -p "$SITE"
 missing=$("$PYTHON" - <<'PYEOF'
 import importlib.util, json
