@@ -277,3 +277,32 @@ def test_gpu_fp8_engine_equals_fake_quant_on_cuda(tiny_spec, tiny_backend, unet_
         simulated = fake_quant.predict_noise(*cuda_args)
     out = engine.predict_noise(*cuda_args)
     assert sqnr_db(simulated.float().cpu(), out.float().cpu()) > 25.0  # FP8 GEMMs accumulate differently
+
+
+def test_fp8_saturation_and_ties_on_ort_as_onnx_defines_them_equal_fake_quant():
+    """The graph's FP8 Q/DQ on ONNX Runtime and our fake quantization, value by value: saturation at
+    ±448 (x scale) rather than overflow, and round-to-nearest-even on exact ties between e4m3 values."""
+    import onnxruntime
+
+    from quant.encodings import Encoding
+    from quant.quantizers import fake_quantize
+
+    scale = 0.5
+    ties = [1.0625, 1.1875, 1.3125, -1.0625, 2.125, 2.375]  # midway between e4m3 neighbours (x scale below)
+    values = np.array([1e4, -1e4, 449.0 * scale * 1.01, 448.0 * scale, *[t * scale for t in ties], 0.3, -0.0137],
+                      np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "fp8", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [len(values)])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(values)])],
+                              [numpy_helper.from_array(np.float32(scale), "s"),
+                               helper.make_tensor("z", TensorProto.FLOAT8E4M3FN, [], [0.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ort = session.run(None, {"x": values})[0]
+    qp = Encoding(dtype="float8e4m3fn", bits=8, symmetric=True, axis=None, scale=[scale], offset=[0], min=[],
+                  max=[]).qparams()  # the encodings file's entry, as the Q/DQ export reads it
+    ours = fake_quantize(torch.from_numpy(values), qp).numpy()
+    np.testing.assert_array_equal(ours, ort)
+    assert ort[0] == 448.0 * scale and ort[1] == -448.0 * scale and ort[2] == 448.0 * scale  # saturated
+    assert list(ort[4:10] / scale) == [1.0, 1.25, 1.25, -1.0, 2.0, 2.5]  # ties to the even mantissa
