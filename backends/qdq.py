@@ -33,6 +33,7 @@ from .onnx_export import MARK_DOMAIN, MARK_OP
 _ONNX_TYPES = {"int8": "INT8", "uint8": "UINT8", "int16": "INT16", "uint16": "UINT16", "int4": "INT4",
                "uint4": "UINT4", "float8e4m3fn": "FLOAT8E4M3FN", "float8e5m2": "FLOAT8E5M2"}
 _NUMPY_INTS = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
+_ML_DTYPES = {"int4": "int4", "uint4": "uint4", "float8e4m3fn": "float8_e4m3fn", "float8e5m2": "float8_e5m2"}
 
 
 def quantized_name(key: str) -> str:
@@ -80,13 +81,17 @@ def _tensor_type(dtype: str, key: str) -> int:
 
 
 def _make_tensor(name: str, dtype: str, values: np.ndarray, key: str):
-    """An initializer of quantized ``values`` (integers, or FP8-representable floats) in ``dtype``."""
-    from onnx import helper, numpy_helper
+    """An initializer of quantized ``values`` (integers, or FP8-representable floats) in ``dtype``.
 
-    if dtype in _NUMPY_INTS:
-        return numpy_helper.from_array(values.astype(_NUMPY_INTS[dtype]), name)
-    # int4/uint4/FP8: make_tensor packs and (for FP8) rounds exactly-representable values unchanged
-    return helper.make_tensor(name, _tensor_type(dtype, key), list(values.shape), values.reshape(-1).tolist())
+    int4/uint4/FP8 go through ml_dtypes' numpy types (exact for values already on their grid):
+    ``helper.make_tensor`` would take a Python list, 2.5 billion floats for SDXL's UNet.
+    """
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    _tensor_type(dtype, key)  # a clear error for a type ONNX Q/DQ lacks
+    numpy_type = _NUMPY_INTS.get(dtype) or getattr(ml_dtypes, _ML_DTYPES[dtype])
+    return numpy_helper.from_array(np.asarray(values).astype(numpy_type), name)
 
 
 def _qparams_tensors(enc: Encoding, key: str, prefix: str) -> tuple[list, list[str], dict[str, Any]]:
@@ -115,8 +120,13 @@ def require_static(entries: Mapping[str, Encoding | list[Encoding]]) -> None:
         _single(value, key)
 
 
-def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) -> QdqResult:
-    """Replace each ``Mark`` of ``model`` (in place): Q/DQ where ``entries`` has its key, nothing otherwise."""
+def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None,
+                base_dir=None) -> QdqResult:
+    """Replace each ``Mark`` of ``model`` (in place): Q/DQ where ``entries`` has its key, nothing otherwise.
+
+    ``base_dir``: where a model loaded without its external data keeps it; each weight is read from
+    there as it is quantized, and the float weights it replaces are never loaded.
+    """
     from onnx import helper
 
     graph = model.graph
@@ -152,7 +162,7 @@ def apply_marks(model, entries: Mapping[str, Encoding | list[Encoding]] | None) 
         enc = _single(value, key)
         _, kind, _ = parse_key(key.partition("@")[0])
         if kind == "weight":
-            array = _constant(source, initializers, producers)
+            array = _constant(source, initializers, producers, base_dir)
             if array is None:
                 raise EncodingsError(f"{key}: the exported weight {source!r} is not a constant initializer")
             weight = torch.from_numpy(array.copy())
@@ -258,14 +268,16 @@ def _entry(entries, mark_key: str) -> Encoding | list[Encoding] | None:
     return _single(value, key).groups()[int(group)]
 
 
-def _constant(name: str, initializers, producers) -> np.ndarray | None:
+def _constant(name: str, initializers, producers, base_dir=None) -> np.ndarray | None:
     """The value of ``name`` when it is constant: an initializer, or ``Slice``/``Unsqueeze``/``Concat`` of
     constants (a split weight's part when the export ran without constant folding, as the streamed
     full-size export does); None otherwise."""
     from onnx import numpy_helper
 
+    from .onnx_export import initializer_array
+
     if name in initializers:
-        return numpy_helper.to_array(initializers[name])
+        return initializer_array(initializers[name], base_dir)
     node = producers.get(name)
     if node is None:
         return None
@@ -273,7 +285,7 @@ def _constant(name: str, initializers, producers) -> np.ndarray | None:
         return numpy_helper.to_array(_attribute(node, "value"))
     if node.op_type not in ("Slice", "Unsqueeze", "Concat"):
         return None
-    operands = [_constant(i, initializers, producers) if i else None for i in node.input]
+    operands = [_constant(i, initializers, producers, base_dir) if i else None for i in node.input]
     if any(v is None for i, v in zip(node.input, operands) if i):
         return None
     if node.op_type == "Unsqueeze":

@@ -17,12 +17,16 @@ import torch
 from sdxl.system_info import cpu_flags
 
 #: bumped when the export or QDQ insertion changes, so stale cached models are never reused
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
+#: the batch of the example the exporter traces: the batch axis is dynamic, and the trace's memory grows
+#: with it (a full-size FP8 export traced at CFG batch 2 passed 24 GB here)
+TRACE_BATCH = 1
 
 
-def qdq_model_dir(cache_dir: Path, spec, encodings, runtime: str) -> Path:
-    """``<cache_dir>/onnx/<profile>-unet-<fp32|qdq>-<key>``: the key covers the model fingerprint, the UNet's
-    encodings and weights delta, the exporter, and ``runtime`` (whose own files share the directory)."""
+def qdq_model_dir(cache_dir: Path, spec, encodings, runtime: str, precision: str = "fp32") -> Path:
+    """``<cache_dir>/onnx/<profile>-unet-<fp32|qdq>[-fp16]-<key>``: the key covers the model fingerprint, the
+    UNet's encodings and weights delta, the exporter, ``runtime`` (whose own files share the directory)
+    and the graph's ``precision`` (``fp16``: :mod:`backends.onnx_fp16`)."""
     entries = encodings.components.get("unet", {}) if encodings else {}
     content = {k: [e.to_json() for e in v] if isinstance(v, list) else v.to_json() for k, v in sorted(entries.items())}
     delta = encodings.weights_delta_sha256 if encodings else None
@@ -30,20 +34,29 @@ def qdq_model_dir(cache_dir: Path, spec, encodings, runtime: str) -> Path:
     pre_scales = encodings.pre_scales.get("unet") if encodings else None
     if pre_scales:
         parts.append({k: v.to_json() for k, v in sorted(pre_scales.items())})
+    if precision != "fp32":  # FP32 keys unchanged: caches built before FP16 graphs existed stay valid
+        parts.append(precision)
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cache_dir) / "onnx" / f"{spec.profile}-unet-{'qdq' if entries else 'fp32'}-{digest}"
+    kind = "qdq" if entries else "fp32"
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return Path(cache_dir) / "onnx" / f"{spec.profile}-unet-{kind}{suffix}-{digest}"
 
 
 def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, encodings=None,
-                     show_progress: bool = True) -> Path:
+                     show_progress: bool = True, precision: str = "fp32") -> Path:
     """Export ``unet`` (marked at the encodings' keys), insert Q/DQ, write the sidecars; cached by ``directory``.
 
-    Without encodings the export is the model: it is never loaded back, so a full-size UNet (streamed
-    to external data by :func:`~backends.onnx_export.export_onnx`) never sits in memory as protobuf.
-    The encodings' UNet pre-scales (a method's per-channel input factors) are hooked during the export,
-    so each becomes a ``Mul`` before its input's ``QuantizeLinear``, as fake quantization runs it.
+    ``unet`` is the FP32 module (on the CPU): the graph is the same wherever it is exported.
+    ``precision="fp16"`` converts the graph to NVIDIA's FP8-FP16 form (:mod:`backends.onnx_fp16`).
+    Without encodings in FP32 the export is the model: it is never loaded back, so a full-size UNet
+    (streamed to external data by :func:`~backends.onnx_export.export_onnx`) never sits in memory as
+    protobuf. Otherwise the exported graph is loaded without its weights, each read from the file as
+    it is quantized or converted. The encodings' UNet pre-scales (a method's per-channel input
+    factors) are hooked during the export, so each becomes a ``Mul`` before its input's
+    ``QuantizeLinear``, as fake quantization runs it.
     """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     from quant.encodings import Encoding
     from quant.fake_quant import pre_scaled, validate_encodings
@@ -57,33 +70,42 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
         save_model,
         unet_signature,
     )
+    from .onnx_fp16 import convert_to_fp16
     from .qdq import QdqResult, apply_marks, check_no_marks
 
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"ONNX graphs are exported in fp32 or fp16, not {precision}")
     path = directory / "unet.onnx"
     if path.is_file():
         return path
     directory.mkdir(parents=True, exist_ok=True)
     if show_progress:
-        print(f"exporting the UNet to ONNX ({len(entries)} quantizers) -> {directory}", flush=True)
+        print(f"exporting the UNet to ONNX ({len(entries)} quantizers, {precision}) -> {directory}", flush=True)
     tensor_map = directory / "unet.tensor_map.json"
     pre_scales = encodings.pre_scales.get("unet", {}) if encodings is not None else {}
-    if not entries:
+    if not entries and precision == "fp32":
         tensor_map.write_text(json.dumps(QdqResult().to_json(), indent=1) + "\n")
         with pre_scaled(unet, pre_scales):  # atomic export: the file is the complete entry's mark
-            return export_onnx(UNetForExport(unet), unet_signature(unet), path)
-    validate_encodings(unet, entries, "unet")  # clear errors first; adds the attention matmuls keys may name
+            return export_onnx(UNetForExport(unet), unet_signature(unet, batch=TRACE_BATCH), path)
+    if entries:
+        validate_encodings(unet, entries, "unet")  # clear errors first; adds the attention matmuls keys may name
     marked = directory / ".unet.marked.onnx"
     with pre_scaled(unet, pre_scales):
-        export_onnx(UNetForExport(unet), unet_signature(unet), marked, marks=entries.keys(), prefix="unet.",
+        export_onnx(UNetForExport(unet), unet_signature(unet, batch=TRACE_BATCH), marked, marks=entries.keys(),
+                    prefix="unet.",
                     channel_groups={k: v.channel_groups for k, v in entries.items()
                                     if isinstance(v, Encoding) and v.channel_groups})
-    model = onnx.load(str(marked))
-    result = apply_marks(model, entries)
+    model = onnx.load(str(marked), load_external_data=False)
+    result = apply_marks(model, entries, base_dir=directory)
     check_no_marks(model)
+    sidecar = result.to_json()
+    if precision == "fp16":
+        sidecar["fp16"] = convert_to_fp16(model, base_dir=directory).to_json()
+    load_external_data_for_model(model, str(directory))  # the float weights neither step replaced
     if initializer_bytes(model) < EXTERNAL_DATA_BYTES - (64 << 20):  # the checker needs one protobuf under 2 GB
         onnx.checker.check_model(model, full_check=False)
-    tensor_map.write_text(json.dumps(result.to_json(), indent=1) + "\n")
-    if encodings is not None:
+    tensor_map.write_text(json.dumps(sidecar, indent=1) + "\n")
+    if encodings is not None and entries:
         from quant.aimet_export import export_aimet
         from quant.encodings import Encodings
 

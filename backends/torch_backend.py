@@ -34,12 +34,14 @@ class TorchBackend(Backend):
         self.components = components
         self.text_encoder = _placed(components.text_encoder, self.device, self.dtype)
         self.text_encoder_2 = _placed(components.text_encoder_2, self.device, self.dtype)
-        self.unet = _placed(components.unet, self.device, self.dtype)
+        # a UNet another runtime runs stays as loaded: its exporter reads the FP32 module on the CPU
+        self.unet = components.unet if "unet" in self.runs_elsewhere else _placed(components.unet, self.device, self.dtype)
         # diffusers upcasts SDXL's VAE to fp32 in fp16 runs (force_upcast): its fp16 decode overflows.
         vae_dtype = torch.float32 if (self.dtype == torch.float16 and components.vae.config.force_upcast) else self.dtype
         self.vae = _placed(components.vae, self.device, vae_dtype)
         if self._use_channels_last():
-            self.unet.to(memory_format=torch.channels_last)
+            if "unet" not in self.runs_elsewhere:
+                self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         self.quantization = None
         if options.encodings:

@@ -6,8 +6,8 @@ backend's (:mod:`backends.qdq_model`: the fake-quant numbers, not a second calib
 (:mod:`backends.trt_graph`) before anything is built; the engine is built and cached by
 :mod:`backends.trt_engine` with NVIDIA's settings. The text encoders, the VAE, the scheduler step and
 CFG stay in torch on the GPU (the pipeline, written once); the engine reads and writes torch CUDA
-tensors on the current stream. The ONNX graph is exported in FP32, so what the encodings leave
-unquantized runs in FP32, not FP16 as NVIDIA's.
+tensors on the current stream. With ``--dtype fp16`` (NVIDIA's) the graph is FP16 where the encodings
+leave it unquantized, scales included (:mod:`backends.onnx_fp16`); with ``--dtype fp32``, FP32.
 
 Needs TensorRT (the ``[trt]`` extra, from NVIDIA's index) and a CUDA GPU: neither is on the machines
 this project is developed on, so the engine build and run are tested only on a lent GPU (``gpu`` tests).
@@ -41,7 +41,11 @@ class TrtBackend(TorchBackend):
     def __init__(self, spec, options: BackendOptions):
         check_options(options.dtype, options.device, options.extra)
         trt = require_tensorrt()
-        super().__init__(spec, options)
+        from sdxl.models import load_components
+
+        # the exporter reads the FP32 UNet on the CPU (the graph is the same wherever it is exported);
+        # the text encoders and VAE are cast to --dtype and placed on the GPU as the torch backend's
+        super().__init__(spec, options, load_components(spec, torch.float32, options.show_progress))
         import onnx
 
         from .qdq import require_static
@@ -53,15 +57,17 @@ class TrtBackend(TorchBackend):
         entries = encodings.components.get("unet", {}) if encodings else {}
         require_static(entries)
         cache_dir = Path(options.extra.get("cache_dir", "build/cache"))
-        model_dir = qdq_model_dir(cache_dir, spec, encodings, f"tensorrt {trt.__version__}")
-        onnx_path = build_unet_model(self.unet, entries, model_dir, encodings, options.show_progress)
+        precision = graph_precision(options.dtype)
+        model_dir = qdq_model_dir(cache_dir, spec, encodings, f"tensorrt {trt.__version__}", precision)
+        onnx_path = build_unet_model(self.unet, entries, model_dir, encodings, options.show_progress, precision)
         tensor_map = json.loads((model_dir / "unet.tensor_map.json").read_text())["tensor_map"]
-        report = check_trt_qdq(onnx.load(str(onnx_path), load_external_data=False), tensor_map,
-                               mha=any(".bmm_" in key for key in entries))
+        graph = onnx.load(str(onnx_path), load_external_data=False)
+        report = check_trt_qdq(graph, tensor_map, mha=any(".bmm_" in key for key in entries), base_dir=model_dir)
         if report.violations:
             raise TrtGraphError(f"{options.encodings}: its QDQ graph breaks {len(report.violations)} TensorRT rule(s), "
                                 f"first: {report.violations[0]} (FP8 recipes and w8a8-sym build; docs/tensorrt.md)")
         self.graph_report = report
+        self.io_dtypes = graph_io_dtypes(graph)
         level = int(options.extra.get("trt_optimization_level", DEFAULT_OPTIMIZATION_LEVEL))
         profile = unet_profile(self.unet, int(options.extra.get("trt_max_batch", 1)))
         self.engine_path, self.engine_info = cached_engine(trt, onnx_path, cache_dir, profile, level,
@@ -76,12 +82,12 @@ class TrtBackend(TorchBackend):
         n = latent_input.shape[0]
         inputs = {"sample": latent_input, "timestep": torch.as_tensor(timestep, device=self.device).reshape(-1).expand(n),
                   "encoder_hidden_states": prompt_embeds, "text_embeds": text_embeds, "time_ids": time_ids}
-        keep = {}  # contiguous fp32 copies live until the engine has run
+        keep = {}  # contiguous copies in the graph's input types live until the engine has run
         for name, tensor in inputs.items():
-            keep[name] = tensor.to(self.device, torch.float32).contiguous()
+            keep[name] = tensor.to(self.device, self.io_dtypes[name]).contiguous()
             self.context.set_input_shape(name, tuple(keep[name].shape))
             self.context.set_tensor_address(name, keep[name].data_ptr())
-        out = torch.empty(tuple(latent_input.shape), device=self.device, dtype=torch.float32)
+        out = torch.empty(tuple(latent_input.shape), device=self.device, dtype=self.io_dtypes["noise_pred"])
         self.context.set_tensor_address("noise_pred", out.data_ptr())
         if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError("TensorRT's execute_async_v3 failed (see its log)")
@@ -97,10 +103,26 @@ def check_options(dtype: str, device: str, extra: dict[str, Any]) -> None:
     """What ``--backend trt`` runs: a CUDA device; checked in the parent before any model loads."""
     if not device.startswith("cuda"):
         raise BackendOptionsError(f"--backend trt runs TensorRT engines on a CUDA GPU; got --device {device}")
+    graph_precision(dtype)
     level = extra.get("trt_optimization_level")
     if level is not None and not 0 <= level <= MAX_OPTIMIZATION_LEVEL:
         raise BackendOptionsError(f"--trt-optimization-level must be 0..{MAX_OPTIMIZATION_LEVEL} (NVIDIA's harness "
                                   f"stays at or below {MAX_OPTIMIZATION_LEVEL}: level 5 builds too long), got {level}")
+
+
+def graph_precision(dtype: str) -> str:
+    """The UNet graph's float type for ``--dtype``: fp16 (NVIDIA's FP8-FP16) or fp32."""
+    if dtype not in ("fp16", "fp32"):
+        raise BackendOptionsError(f"--backend trt builds fp16 (NVIDIA's) or fp32 UNet graphs; got --dtype {dtype}")
+    return dtype
+
+
+def graph_io_dtypes(model) -> dict[str, torch.dtype]:
+    """The torch dtype of each input and output of the UNet graph (FP16 ones but the timestep, in an FP16 graph)."""
+    from onnx import TensorProto
+
+    types = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16}
+    return {v.name: types[v.type.tensor_type.elem_type] for v in list(model.graph.input) + list(model.graph.output)}
 
 
 def add_flags(group) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,10 @@ def cached_engine(trt, onnx_path: Path, cache_dir: Path, profile: Profile, optim
             "optimization_level": optimization_level, "built": False}
     if not path.is_file():
         directory.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
         engine = build_engine(trt, onnx_path, profile, optimization_level, directory / "timing.cache")
         with atomic_path(path) as tmp:
             Path(tmp).write_bytes(engine)
-        info["built"] = True
+        info.update(built=True, build_s=round(time.perf_counter() - start, 1))
+    info["engine_bytes"] = path.stat().st_size
     return path, info

@@ -59,9 +59,8 @@ class TrtGraphReport:
 class _Graph:
     """Producers, consumers and constant values of one ONNX graph."""
 
-    def __init__(self, model):
-        from onnx import numpy_helper
-
+    def __init__(self, model, base_dir=None):
+        self.base_dir = base_dir
         self.nodes = list(model.graph.node)
         self.producer = {o: n for n in self.nodes for o in n.output}
         self.consumers: dict[str, list] = {}
@@ -69,7 +68,6 @@ class _Graph:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
         self.initializers = {t.name: t for t in model.graph.initializer}
-        self._numpy = numpy_helper.to_array
 
     def constant(self, name: str):
         """The TensorProto behind ``name`` if it is a constant (initializer or ``Constant`` output), else None."""
@@ -85,9 +83,11 @@ class _Graph:
         """A constant's values as float64 where numpy can hold them (FP8 zero points are compared by bytes)."""
         from onnx import TensorProto
 
+        from .onnx_export import initializer_array
+
         if tensor.data_type in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):
             return None
-        return np.asarray(self._numpy(tensor), dtype=np.float64)
+        return np.asarray(initializer_array(tensor, self.base_dir), dtype=np.float64)
 
 
 def _attribute(node, name: str, default=None):
@@ -98,22 +98,26 @@ def _attribute(node, name: str, default=None):
 
 
 def _zero_point_is_zero(graph: _Graph, tensor) -> bool:
-    values = graph.values(tensor)
-    if values is not None:
-        return bool((values == 0).all())
-    raw = tensor.raw_data if tensor.raw_data else bytes(tensor.int32_data)  # FP8: +0.0 is the byte 0x00
-    return not any(raw)
+    from onnx import TensorProto
+
+    from .onnx_export import initializer_array
+
+    if tensor.data_type in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2):  # +0.0 is the byte 0x00
+        return not np.ascontiguousarray(initializer_array(tensor, graph.base_dir)).view(np.uint8).any()
+    return bool((graph.values(tensor) == 0).all())
 
 
-def check_trt_qdq(model, tensor_map: Mapping[str, str] | None = None, mha: bool = False) -> TrtGraphReport:
+def check_trt_qdq(model, tensor_map: Mapping[str, str] | None = None, mha: bool = False,
+                  base_dir=None) -> TrtGraphReport:
     """Every rule of the module docstring on ``model`` (an ``onnx.ModelProto``; weights may be external
-    and unloaded: only scales, zero points and shapes are read). ``tensor_map``: quantizer key -> the
+    and unloaded: only scales, zero points and shapes are read, external ones from ``base_dir``, the
+    model's directory, through a memory map). ``tensor_map``: quantizer key -> the
     ONNX tensor it quantizes (``unet.tensor_map.json``'s). ``mha``: the recipe quantizes the attention
     matmuls (``bmm_qk``/``bmm_pv`` keys), so every attention must show the FP8 MHA pattern."""
     from onnx import TensorProto
 
     report = TrtGraphReport()
-    graph = _Graph(model)
+    graph = _Graph(model, base_dir)
     report.opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if report.opset < 19:
         report.violations.append(f"opset {report.opset}: FP8 QuantizeLinear/DequantizeLinear need opset >= 19")

@@ -128,8 +128,11 @@ def main() -> int:
         # the same QDQ graph is what --backend trt would build: TensorRT's explicit-quantization rules on it
         tensor_map = json.loads((ort.model_dir / "unet.tensor_map.json").read_text())["tensor_map"]
         report = check_trt_qdq(onnx.load(str(ort.model_path), load_external_data=False), tensor_map,
-                               mha=any(".bmm_" in k for k in tensor_map))
+                               mha=any(".bmm_" in k for k in tensor_map), base_dir=ort.model_dir)
         row["trt_graph"] = report.to_json()
+        fp16_out, fp16_figures = fp16_graph(spec, path, args, work / f"{recipe}-fp16")
+        row["fp16_graph"] = {"vs_fq_db": sqnr_db(simulated, fp16_out), "vs_fp32_db": sqnr_db(fp32_out, fp16_out),
+                             **fp16_figures}
         rows[recipe] = row
 
     print(f"CPU: {system_description()['cpu_model']} ({isa_summary()}), torch threads {torch.get_num_threads()}\n")
@@ -142,6 +145,14 @@ def main() -> int:
             "ort_vs_fq_db", "fq_vs_fp32_db", "ort_vs_fp32_db", "one_ulp_floor_db", "ort_vs_fq_db_ort_default_level",
             "e2e_psnr_ort_vs_fq_db", "e2e_psnr_ort_vs_fp32_db", "e2e_psnr_fq_vs_fp32_db")]
          + [len(r["trt_graph"]["violations"]), r["trt_graph"]["mha_patterns"]] for recipe, r in rows.items()]))
+    print("\nThe FP8-FP16 graph --backend trt --dtype fp16 builds, on ORT with FP16 inputs (UNet output SQNR, dB)")
+    print(format_table(
+        ["recipe", "FP16 graph~fq", "FP16 graph~FP32", "fq~FP32", "TensorRT rules broken", "FP32 nodes",
+         "scales subnormal in FP16", "max scale rounding"],
+        [[recipe, f"{r['fp16_graph']['vs_fq_db']:.1f}", f"{r['fp16_graph']['vs_fp32_db']:.1f}",
+          f"{r['fq_vs_fp32_db']:.1f}", r["fp16_graph"]["trt_rules_broken"], r["fp16_graph"]["conversion"]["fp32_nodes"],
+          f"{r['fp16_graph']['conversion']['subnormal_scales']} of {r['fp16_graph']['conversion']['scales']}",
+          f"{r['fp16_graph']['conversion']['max_scale_rel_error']:.1e}"] for recipe, r in rows.items()]))
     print(f"FP32 UNet: ORT~torch {fp32_row['ort_vs_torch_db']:.1f} dB; torch~torch with the one-ulp nudge "
           f"{fp32_row['one_ulp_nudge_db']:.1f} dB")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -150,6 +161,31 @@ def main() -> int:
                              "prompts": prompts, "recipes": rows, "fp32": fp32_row})
     print(f"\nwritten {path}")
     return 0
+
+
+def fp16_graph(spec, encodings_path: Path, args: tuple, directory: Path) -> tuple[torch.Tensor, dict]:
+    """The FP8-FP16 graph ``--backend trt --dtype fp16`` builds from the same encodings (FP16 scales and
+    unquantized ops, :mod:`backends.onnx_fp16`), run on ORT's CPU provider with FP16 inputs: its output;
+    TensorRT's rules on it and what the conversion reports."""
+    from backends.qdq_model import build_unet_model
+    from quant.fake_quant import load_encodings_for
+    from sdxl.models import load_components
+
+    components = load_components(spec, show_progress=False)
+    encodings = load_encodings_for(components, str(encodings_path), False)  # with the weights the encodings describe
+    path = build_unet_model(components.unet, encodings.components["unet"], directory, encodings, show_progress=False,
+                            precision="fp16")
+    sidecar = json.loads((directory / "unet.tensor_map.json").read_text())
+    report = check_trt_qdq(onnx.load(str(path), load_external_data=False), sidecar["tensor_map"],
+                           mha=any(".bmm_" in k for k in sidecar["tensor_map"]), base_dir=directory)
+    sample, timestep, states, text_embeds, time_ids = args
+    feeds = {"sample": sample.half(), "timestep": torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(
+        sample.shape[0]), "encoder_hidden_states": states.half(), "text_embeds": text_embeds.half(),
+        "time_ids": time_ids.half()}
+    session = create_session(path, threads=torch.get_num_threads())
+    out = torch.from_numpy(session.run(None, {k: v.contiguous().numpy() for k, v in feeds.items()})[0].astype(np.float32))
+    return out, {"trt_rules_broken": len(report.violations), "mha_patterns": report.mha_patterns,
+                 "conversion": sidecar["fp16"]}
 
 
 def _example_args(inputs: tuple) -> tuple:

@@ -67,3 +67,74 @@ def test_full_size_unet_exports_to_onnx_within_24_gb(tmp_path):
                                                      "time_ids"]
     assert (tmp_path / "unet.onnx.data").stat().st_size >= 4 * sum(stored.values())  # fp32, 64-byte aligned
     onnx.checker.check_model(figures["path"], full_check=False)
+
+
+_QDQ_SCRIPT = """
+import json, resource, sys, time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from backends.onnx_export import unet_signature
+from sdxl.models import model_spec
+
+stage, directory = sys.argv[1], Path(sys.argv[2])
+torch.manual_seed(0)
+unet = UNet2DConditionModel(**model_spec("sdxl-random").profile_config["unet"]).eval().requires_grad_(False)
+built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+start = time.perf_counter()
+if stage == "calibrate":  # max calibration over one CFG-half batch: the graph, not the numbers, is checked
+    from calibration.quantize import quantize
+
+    sample, timestep, states, text_embeds, time_ids = unet_signature(unet, batch=1).example_inputs
+    loop = lambda m: m(sample, timestep, encoder_hidden_states=states,
+                       added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids})
+    quantize(unet, "fp8-mha", loop, component="unet", apply=False).save(directory / "fp8-mha.json")
+    path = directory / "fp8-mha.json"
+else:
+    from backends.qdq_model import build_unet_model
+    from quant.encodings import Encodings
+
+    encodings = Encodings.load(directory / "fp8-mha.json")
+    path = build_unet_model(unet, encodings.components["unet"], directory / "qdq-fp16", encodings,
+                            show_progress=False, precision="fp16")
+print(json.dumps({"path": str(path), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "model_rss_gib": built, "seconds": time.perf_counter() - start}))
+"""
+
+
+def _child(stage: str, directory: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _QDQ_SCRIPT, stage, str(directory)], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(4 * 3600)
+def test_full_size_fp8_fp16_qdq_graph_keeps_tensorrt_rules_within_24_gb(tmp_path):
+    """The graph a TensorRT FP8 engine of SDXL's UNet would be built from (FP8 weights, activations and
+    attention matmuls, FP16 elsewhere), exported at full size: peak RSS of the export measured in its own
+    process, every TensorRT rule checked, every quantizer present once, FP8 weights 1 byte each."""
+    from backends.trt_graph import check_trt_qdq
+
+    calibrated = _child("calibrate", tmp_path)
+    figures = _child("export", tmp_path)
+    print(f"full-size fp8-mha fp16 QDQ export: calibration {calibrated}, export {figures}")
+    assert figures["peak_rss_gib"] < 24, figures
+    directory = Path(figures["path"]).parent
+    sidecar = json.loads((directory / "unet.tensor_map.json").read_text())
+    model = onnx.load(figures["path"], load_external_data=False)
+    report = check_trt_qdq(model, sidecar["tensor_map"], mha=True, base_dir=directory)
+    assert report.violations == [], report.violations[:5]
+    assert report.mha_patterns == 140  # 70 transformer blocks x (self + cross attention)
+    assert set(report.zero_point_types) == {"FLOAT8E4M3FN"}
+    assert sidecar["fp16"]["fp32_nodes"] > 0 and sidecar["fp16"]["overflowed_values"] == 0
+    io = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    assert io["timestep"] == onnx.TensorProto.FLOAT and io["sample"] == io["noise_pred"] == onnx.TensorProto.FLOAT16
+    fp8 = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN)
+    fp16 = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    assert fp8 > 2_400_000_000 and fp8 + fp16 > 2_560_000_000, (fp8, fp16)  # of 2,567,463,684 parameters
+    data = directory / "unet.onnx.data"
+    assert data.stat().st_size < 1.1 * (fp8 + 2 * fp16) + (64 << 20)  # 1 + 2 bytes, not FP32's 4
