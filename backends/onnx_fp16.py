@@ -4,7 +4,7 @@ NVIDIA's SDXL engines are built from an FP16 UNet graph ("FP8-FP16 mixed precisi
 recipe leaves unquantized runs in FP16, and the Q/DQ scales are FP16, modelopt's
 ``trt_high_precision_dtype "Half"``). Exporting the model in ``.half()`` would need an FP16 forward on
 the exporting machine, which on a CPU is hundreds of times slower than FP32 (one 640-channel 3x3 conv at
-64x64: 114 s vs 0.39 s measured here) -- a full-size export would take days. So the graph is exported
+64x64: 114 s vs 0.39 s, timed once ad hoc on an AVX2 EPYC): a full-size export would take days. So the graph is exported
 in FP32, as for every other runtime, and converted here.
 
 Where torch's FP16 UNet computes in FP32, so does the converted graph: diffusers' sinusoidal
@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from quant.encodings import EncodingsError
+
 #: graph inputs diffusers embeds sinusoidally in FP32 whatever the model's dtype
 FP32_INPUTS = ("timestep", "time_ids")
 #: graph inputs that stay FP32 in the converted graph (``time_ids`` arrives as FP16, as in diffusers' pipeline)
@@ -46,8 +48,8 @@ FP16_MIN_NORMAL = 2.0 ** -14
 FP16_MAX = 65504.0
 
 
-class Fp16Error(ValueError):
-    """A value the FP16 graph cannot hold: a Q/DQ scale that rounds to 0 or overflows."""
+class Fp16Error(EncodingsError):
+    """A value the FP16 graph cannot hold: a Q/DQ scale that rounds to 0 or overflows (a user error, one line)."""
 
 
 @dataclass
