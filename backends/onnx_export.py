@@ -191,6 +191,63 @@ def unet_signature(unet: torch.nn.Module, batch: int = 2) -> GraphSignature:
     return GraphSignature(names, ("noise_pred",), example, {n: {0: "batch"} for n in names + ("noise_pred",)})
 
 
+class TextEncoderForExport(torch.nn.Module):
+    """A CLIP text encoder returning what SDXL reads of it: the penultimate layer's hidden states and,
+    with ``pooled``, the pooled projection (``text_encoder_2``'s ``text_embeds``)."""
+
+    def __init__(self, encoder: torch.nn.Module, pooled: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids):
+        out = self.encoder(input_ids, output_hidden_states=True)
+        return (out.hidden_states[-2], out[0]) if self.pooled else out.hidden_states[-2]
+
+
+def text_encoder_signature(encoder: torch.nn.Module, pooled: bool, batch: int = 1) -> GraphSignature:
+    """Token ids of ``batch`` prompts (77 tokens, end-padded as SDXL's tokenizers pad); batch axis dynamic."""
+    ids = torch.full((batch, 77), int(encoder.config.eos_token_id))
+    ids[:, 0] = int(encoder.config.bos_token_id)
+    ids[:, 1:9] = torch.arange(1000, 1008)
+    outputs = ("hidden_states", "pooled") if pooled else ("hidden_states",)
+    return GraphSignature(("input_ids",), outputs, (ids,), {n: {0: "batch"} for n in ("input_ids",) + outputs})
+
+
+class VaeDecoderForExport(torch.nn.Module):
+    """The VAE's decode (``post_quant_conv`` and the decoder): unscaled latents in, images in [-1, 1] out."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+def vae_decoder_signature(vae: torch.nn.Module, batch: int = 1) -> GraphSignature:
+    """Latents of ``batch`` images at the VAE's image size (its ``sample_size``, downsampled once per
+    block but the last); batch axis dynamic."""
+    config = vae.config
+    size = int(config.sample_size) // 2 ** (len(config.block_out_channels) - 1)
+    example = torch.randn(batch, int(config.latent_channels), size, size, generator=torch.Generator().manual_seed(0))
+    return GraphSignature(("latent",), ("image",), (example,), {"latent": {0: "batch"}, "image": {0: "batch"}})
+
+
+def component_graph(component: str, module: torch.nn.Module,
+                    batch: int = 1) -> tuple[torch.nn.Module, GraphSignature, str]:
+    """What :func:`export_onnx` exports of a pipeline component: the module to trace, its signature,
+    and the prefix of the component's quantizer keys inside it."""
+    if component == "unet":
+        return UNetForExport(module), unet_signature(module, batch), "unet."
+    if component in ("text_encoder", "text_encoder_2"):
+        pooled = component == "text_encoder_2"  # SDXL's pooled text embedding is the second encoder's
+        return TextEncoderForExport(module, pooled), text_encoder_signature(module, pooled, batch), "encoder."
+    if component == "vae":
+        return VaeDecoderForExport(module), vae_decoder_signature(module, batch), "vae."
+    raise ValueError(f"no ONNX graph for component {component!r}")
+
+
 def export_onnx(module: torch.nn.Module, signature: GraphSignature, path: Path,
                 marks: Iterable[str] = (), prefix: str = "", stream_weights: bool | None = None,
                 channel_groups: Mapping[str, list] | None = None) -> Path:

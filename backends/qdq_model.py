@@ -1,6 +1,7 @@
-"""The UNet as a QDQ ONNX model from our encodings: export, Q/DQ insertion, sidecars, cache key.
+"""A component (the UNet above all) as a QDQ ONNX model from our encodings: export, Q/DQ, sidecars, cache key.
 
-Shared by every backend that runs the UNet from an ONNX graph (ONNX Runtime today, TensorRT next):
+Shared by every backend that runs a component from an ONNX graph (ONNX Runtime: the UNet; TensorRT:
+the UNet, and as options the text encoders and the VAE decoder):
 the graph is built once per model, encodings and toolchain, under ``<cache-dir>/onnx/<key>/``, and a
 backend only adds its runtime's own files beside it. The scales and integers come from the encodings
 file alone (:mod:`backends.qdq`), so every runtime runs the numbers fake-quant simulates.
@@ -23,37 +24,49 @@ EXPORT_VERSION = 3
 TRACE_BATCH = 1
 
 
-def qdq_model_dir(cache_dir: Path, spec, encodings, runtime: str, precision: str = "fp32") -> Path:
-    """``<cache_dir>/onnx/<profile>-unet-<fp32|qdq>[-fp16]-<key>``: the key covers the model fingerprint, the
-    UNet's encodings and weights delta, the exporter, ``runtime`` (whose own files share the directory)
-    and the graph's ``precision`` (``fp16``: :mod:`backends.onnx_fp16`)."""
-    entries = encodings.components.get("unet", {}) if encodings else {}
+def qdq_model_dir(cache_dir: Path, spec, encodings, runtime: str, precision: str = "fp32",
+                  component: str = "unet") -> Path:
+    """``<cache_dir>/onnx/<profile>-<component>-<fp32|qdq>[-fp16]-<key>``: the key covers the model
+    fingerprint, the component's encodings and the weights delta, the exporter, ``runtime`` (whose own
+    files share the directory) and the graph's ``precision`` (``fp16``: :mod:`backends.onnx_fp16`)."""
+    entries = encodings.components.get(component, {}) if encodings else {}
     content = {k: [e.to_json() for e in v] if isinstance(v, list) else v.to_json() for k, v in sorted(entries.items())}
     delta = encodings.weights_delta_sha256 if encodings else None
     parts = [EXPORT_VERSION, spec.fingerprint(), content, delta, torch.__version__, runtime]
-    pre_scales = encodings.pre_scales.get("unet") if encodings else None
+    pre_scales = encodings.pre_scales.get(component) if encodings else None
     if pre_scales:
         parts.append({k: v.to_json() for k, v in sorted(pre_scales.items())})
-    if precision != "fp32":  # FP32 keys unchanged: caches built before FP16 graphs existed stay valid
+    # FP32 UNet keys unchanged: caches built before FP16 graphs and other components existed stay valid
+    if precision != "fp32":
         parts.append(precision)
+    if component != "unet":
+        parts.append(component)
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     kind = "qdq" if entries else "fp32"
     suffix = "" if precision == "fp32" else f"-{precision}"
-    return Path(cache_dir) / "onnx" / f"{spec.profile}-unet-{kind}{suffix}-{digest}"
+    return Path(cache_dir) / "onnx" / f"{spec.profile}-{component}-{kind}{suffix}-{digest}"
 
 
 def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, encodings=None,
                      show_progress: bool = True, precision: str = "fp32") -> Path:
-    """Export ``unet`` (marked at the encodings' keys), insert Q/DQ, write the sidecars; cached by ``directory``.
+    """:func:`build_model` of the UNet (what every ONNX backend runs)."""
+    return build_model("unet", unet, entries, directory, encodings, show_progress, precision)
 
-    ``unet`` is the FP32 module (on the CPU): the graph is the same wherever it is exported.
+
+def build_model(component: str, module: torch.nn.Module, entries: dict, directory: Path, encodings=None,
+                show_progress: bool = True, precision: str = "fp32") -> Path:
+    """Export ``component`` (marked at the encodings' keys), insert Q/DQ, write the sidecars; cached by ``directory``.
+
+    ``module`` is the FP32 component (on the CPU): the graph is the same wherever it is exported; what
+    is exported of it is :func:`~backends.onnx_export.component_graph`'s (the VAE: its decoder).
     ``precision="fp16"`` converts the graph to NVIDIA's FP8-FP16 form (:mod:`backends.onnx_fp16`).
     Without encodings in FP32 the export is the model: it is never loaded back, so a full-size UNet
     (streamed to external data by :func:`~backends.onnx_export.export_onnx`) never sits in memory as
     protobuf. Otherwise the exported graph is loaded without its weights, each read from the file as
-    it is quantized or converted. The encodings' UNet pre-scales (a method's per-channel input
-    factors) are hooked during the export, so each becomes a ``Mul`` before its input's
-    ``QuantizeLinear``, as fake quantization runs it.
+    it is quantized or converted. The encodings' pre-scales (a method's per-channel input factors) are
+    hooked during the export, so each becomes a ``Mul`` before its input's ``QuantizeLinear``, as fake
+    quantization runs it. Files: ``<component>.onnx``, ``<component>.tensor_map.json`` (quantizer key
+    -> ONNX tensor, and the FP16 report) and, with encodings, the AIMET encodings beside them.
     """
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
@@ -63,36 +76,35 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
 
     from .onnx_export import (
         EXTERNAL_DATA_BYTES,
-        UNetForExport,
+        component_graph,
         export_onnx,
         initializer_bytes,
         remove_model,
         save_model,
-        unet_signature,
     )
     from .onnx_fp16 import convert_to_fp16
     from .qdq import QdqResult, apply_marks, check_no_marks
 
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"ONNX graphs are exported in fp32 or fp16, not {precision}")
-    path = directory / "unet.onnx"
+    path = directory / f"{component}.onnx"
     if path.is_file():
         return path
     directory.mkdir(parents=True, exist_ok=True)
     if show_progress:
-        print(f"exporting the UNet to ONNX ({len(entries)} quantizers, {precision}) -> {directory}", flush=True)
-    tensor_map = directory / "unet.tensor_map.json"
-    pre_scales = encodings.pre_scales.get("unet", {}) if encodings is not None else {}
+        print(f"exporting the {component} to ONNX ({len(entries)} quantizers, {precision}) -> {directory}", flush=True)
+    tensor_map = directory / f"{component}.tensor_map.json"
+    pre_scales = encodings.pre_scales.get(component, {}) if encodings is not None else {}
+    traced, signature, prefix = component_graph(component, module, batch=TRACE_BATCH)
     if not entries and precision == "fp32":
         tensor_map.write_text(json.dumps(QdqResult().to_json(), indent=1) + "\n")
-        with pre_scaled(unet, pre_scales):  # atomic export: the file is the complete entry's mark
-            return export_onnx(UNetForExport(unet), unet_signature(unet, batch=TRACE_BATCH), path)
+        with pre_scaled(module, pre_scales):  # atomic export: the file is the complete entry's mark
+            return export_onnx(traced, signature, path)
     if entries:
-        validate_encodings(unet, entries, "unet")  # clear errors first; adds the attention matmuls keys may name
-    marked = directory / ".unet.marked.onnx"
-    with pre_scaled(unet, pre_scales):
-        export_onnx(UNetForExport(unet), unet_signature(unet, batch=TRACE_BATCH), marked, marks=entries.keys(),
-                    prefix="unet.",
+        validate_encodings(module, entries, component)  # clear errors first; adds the attention matmuls keys name
+    marked = directory / f".{component}.marked.onnx"
+    with pre_scaled(module, pre_scales):
+        export_onnx(traced, signature, marked, marks=entries.keys(), prefix=prefix,
                     channel_groups={k: v.channel_groups for k, v in entries.items()
                                     if isinstance(v, Encoding) and v.channel_groups})
     model = onnx.load(str(marked), load_external_data=False)
@@ -109,9 +121,9 @@ def build_unet_model(unet: torch.nn.Module, entries: dict, directory: Path, enco
         from quant.aimet_export import export_aimet
         from quant.encodings import Encodings
 
-        unet_only = Encodings(components={"unet": entries}, recipe=encodings.recipe,
-                              excluded={"unet": encodings.excluded.get("unet", [])})
-        export_aimet(unet_only, path, name_map=result.tensor_map)
+        this_only = Encodings(components={component: entries}, recipe=encodings.recipe,
+                              excluded={component: encodings.excluded.get(component, [])})
+        export_aimet(this_only, path, name_map=result.tensor_map)
     save_model(model, path)  # last: its presence marks a complete cache entry
     remove_model(marked)
     return path

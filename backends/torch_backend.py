@@ -32,17 +32,16 @@ class TorchBackend(Backend):
         if components is None:
             components = load_components(spec, self.dtype, options.show_progress)
         self.components = components
-        self.text_encoder = _placed(components.text_encoder, self.device, self.dtype)
-        self.text_encoder_2 = _placed(components.text_encoder_2, self.device, self.dtype)
-        # a UNet another runtime runs stays as loaded: its exporter reads the FP32 module on the CPU
-        self.unet = components.unet if "unet" in self.runs_elsewhere else _placed(components.unet, self.device, self.dtype)
-        # diffusers upcasts SDXL's VAE to fp32 in fp16 runs (force_upcast): its fp16 decode overflows.
-        vae_dtype = torch.float32 if (self.dtype == torch.float16 and components.vae.config.force_upcast) else self.dtype
-        self.vae = _placed(components.vae, self.device, vae_dtype)
+        # a component another runtime runs stays as loaded: its exporter reads the FP32 module on the CPU
+        placed = {name: getattr(components, name) if name in self.runs_elsewhere
+                  else _placed(getattr(components, name), self.device, self.component_dtype(name))
+                  for name in ("text_encoder", "text_encoder_2", "unet", "vae")}
+        self.text_encoder, self.text_encoder_2 = placed["text_encoder"], placed["text_encoder_2"]
+        self.unet, self.vae = placed["unet"], placed["vae"]
         if self._use_channels_last():
-            if "unet" not in self.runs_elsewhere:
-                self.unet.to(memory_format=torch.channels_last)
-            self.vae.to(memory_format=torch.channels_last)
+            for name in ("unet", "vae"):
+                if name not in self.runs_elsewhere:
+                    placed[name].to(memory_format=torch.channels_last)
         self.quantization = None
         if options.encodings:
             from quant.fake_quant import apply_to_components, load_encodings_for
@@ -59,6 +58,13 @@ class TorchBackend(Backend):
         """
         dtype = next(name for name, value in DTYPES.items() if value == next(components.unet.parameters()).dtype)
         return cls(components.spec, BackendOptions(dtype=dtype, show_progress=show_progress), components)
+
+    def component_dtype(self, name: str) -> torch.dtype:
+        """``--dtype``, but the VAE's FP32 in FP16 runs: diffusers upcasts SDXL's VAE (``force_upcast``), whose
+        FP16 decode overflows."""
+        if name == "vae" and self.dtype == torch.float16 and self.components.vae.config.force_upcast:
+            return torch.float32
+        return self.dtype
 
     def _use_channels_last(self) -> bool:
         """Channels-last helps cuDNN/oneDNN convolutions on GPUs; on CPUs it measured no gain for fp32."""

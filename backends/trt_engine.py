@@ -1,11 +1,13 @@
-"""TensorRT engines from the QDQ ONNX UNet: build settings as NVIDIA's MLPerf SDXL harness, and the cache.
+"""TensorRT engines from the QDQ ONNX graphs: build settings as NVIDIA's MLPerf SDXL harness, and the cache.
 
 NVIDIA's harness (``docs/tensorrt.md``) builds the FP8 UNet as a *strongly typed* network (the Q/DQ
 types decide every precision; no fp16/int8/fp8 builder flags), one optimisation profile with batch
 min 2 (one CFG pair) and opt = max = the UNet batch, builder optimisation level at most 4 (5 builds
-too long), and a timing cache. The same settings here; engines are cached under
-``<cache-dir>/trt/<key>.engine``, the key covering the ONNX file's bytes, the TensorRT version, the
-GPU's compute capability, the profile and the optimisation level, so any change rebuilds.
+too long), and a timing cache. The same settings here, for the text encoders' and the VAE's engines
+too (strongly typed: their graphs carry their precision), whose batch runs from 1 (the pipeline
+encodes MLPerf's negative prompt alone, once) to the SUT's. Engines are cached under
+``<cache-dir>/trt/<component>-<key>.engine``, the key covering the ONNX file's bytes, the TensorRT
+version, the GPU's compute capability, the profile and the optimisation level, so any change rebuilds.
 
 ``trt`` is always passed in (the ``tensorrt`` module, or a fake in tests): nothing here imports
 TensorRT, so the argument plumbing and the keys are tested on machines without it.
@@ -55,15 +57,18 @@ class Profile:
         return {name: (batch, *shape) for name, shape in self.inputs}
 
 
-def unet_profile(unet, sut_batch: int) -> Profile:
-    """The profile of ``unet`` (the exported graph's inputs, :func:`~backends.onnx_export.unet_signature`)
-    for SUT batches of up to ``sut_batch`` images."""
-    from .onnx_export import unet_signature
+def component_profile(component: str, module, sut_batch: int) -> Profile:
+    """The profile of ``component``'s exported graph (:func:`~backends.onnx_export.component_graph`) for SUT
+    batches of up to ``sut_batch`` images: the UNet runs CFG pairs (batch 2 to 2 x ``sut_batch``), the
+    text encoders and the VAE one row per prompt or image (1, MLPerf's negative prompt, to ``sut_batch``)."""
+    from .onnx_export import component_graph
 
-    signature = unet_signature(unet, batch=1)
+    _, signature, _ = component_graph(component, module, batch=1)
     inputs = tuple((name, tuple(int(d) for d in t.shape[1:]))
                    for name, t in zip(signature.input_names, signature.example_inputs))
-    return Profile(inputs, max_batch=max(2, 2 * sut_batch))
+    if component == "unet":
+        return Profile(inputs, max_batch=max(2, 2 * sut_batch))
+    return Profile(inputs, max_batch=max(1, sut_batch), min_batch=1)
 
 
 def file_sha256(path: Path) -> str:
@@ -118,14 +123,15 @@ def build_engine(trt, onnx_path: Path, profile: Profile, optimization_level: int
 
 
 def cached_engine(trt, onnx_path: Path, cache_dir: Path, profile: Profile, optimization_level: int,
-                  compute_capability: tuple[int, int]) -> tuple[Path, dict[str, Any]]:
-    """The engine file for these inputs, built once (atomically) under ``<cache_dir>/trt/``; and its key's parts."""
+                  compute_capability: tuple[int, int], component: str = "unet") -> tuple[Path, dict[str, Any]]:
+    """The engine file for these inputs, built once (atomically) as ``<cache_dir>/trt/<component>-<key>.engine``;
+    and its key's parts."""
     from sdxl.io import atomic_path
 
     onnx_sha = file_sha256(onnx_path)
     key = engine_key(onnx_sha, trt.__version__, compute_capability, profile, optimization_level)
     directory = Path(cache_dir) / "trt"
-    path = directory / f"unet-{key}.engine"
+    path = directory / f"{component}-{key}.engine"
     info = {"key": key, "onnx": str(onnx_path), "onnx_sha256": onnx_sha, "tensorrt": trt.__version__,
             "compute_capability": list(compute_capability), "profile": asdict(profile),
             "optimization_level": optimization_level, "built": False}

@@ -331,6 +331,23 @@ def test_smoothquant_beats_min_max_on_an_outlier_channel_and_selects_by_input_sq
     assert top == pytest.approx(smoothed, abs=3.0)  # smoothing the one bad input is what matters
 
 
+def test_smoothquant_leaves_a_layer_the_data_never_runs_alone():
+    """A branch the forward loop never calls (the VAE's encoder when only decode runs) has no input maxima:
+    SmoothQuant smooths the layers that ran and leaves that one's weights and input as they were."""
+
+    class WithIdleBranch(Outlier):
+        def __init__(self):
+            super().__init__()
+            self.idle = torch.nn.Linear(16, 16)
+
+    model, reference = WithIdleBranch().eval(), WithIdleBranch().eval()
+    recipe = {**PER_CHANNEL_W8A8, "methods": [{"kind": "smoothquant", "alpha": 0.5}]}
+    encodings = quantize(model, recipe, _outlier_loop, component="unet", apply=False)
+    assert "fc1" in encodings.methods[0]["stats"]["layers"] and "idle" not in encodings.methods[0]["stats"]["layers"]
+    assert "idle:input[0]" not in encodings.pre_scales["unet"] and "fc1:input[0]" in encodings.pre_scales["unet"]
+    assert torch.equal(model.idle.weight, reference.idle.weight)
+
+
 def test_smoothquant_folds_into_a_transformer_blocks_layernorms_and_stays_exact():
     block, reference = _transformer_block(), _transformer_block()
     g = torch.Generator().manual_seed(5)

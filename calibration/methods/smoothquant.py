@@ -293,10 +293,17 @@ class SmoothQuant(Method):
         return (x_absmax.pow(alpha) / w_absmax.clamp(min=1e-5).pow(1.0 - alpha)).clamp(min=1e-5)
 
     def _observe(self, target: MethodTarget, plans: list, stats: dict[str, _InputStats]) -> dict[str, float]:
-        """Two passes over the data: the inputs' ranges, then their quantization error under the recipe's quantizer."""
+        """Two passes over the data: the inputs' ranges, then their quantization error under the recipe's quantizer.
+
+        Layers the data never runs (the VAE's encoder in text-to-image) are dropped from ``plans`` and
+        ``stats``: there is nothing to smooth, and the range calibration leaves them in high precision.
+        """
         run_data(target.module, target.forward_loop, handles=[p.module.register_forward_pre_hook(
             lambda m, args, kwargs, s=stats[p.name]: s.observe(call_input(m, args, kwargs, 0)), with_kwargs=True)
             for p in plans])
+        plans[:] = [p for p in plans if stats[p.name].absmax is not None]
+        for name in [n for n, s in stats.items() if s.absmax is None]:
+            del stats[name]
         if self.settings.select not in ("top_k", "sqnr_below"):
             return {}
         power = {p.name: [0.0, 0.0] for p in plans}
