@@ -154,7 +154,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="sdxl")
     parser.add_argument("--model-path")
-    parser.add_argument("--encodings", required=True, help="FP8 encodings: calibrate --recipe nvidia-sdxl (NVIDIA's FP8 UNet and INT8 VAE) or fp8-mha")
+    parser.add_argument("--encodings", required=True,
+                        help="FP8 encodings: calibrate --recipe nvidia-sdxl (NVIDIA's FP8 UNet and INT8 VAE) or fp8-mha")
     parser.add_argument("--batches", default="8,16", help="SUT batch sizes (images; the UNet runs twice that)")
     parser.add_argument("--samples", type=int, default=256, help="Offline query size (--count)")
     parser.add_argument("--server-qps", type=float, default=1.5, help="Server's target QPS (0: no Server run)")
